@@ -1,0 +1,12 @@
+"""dis: Deep Improvement Supervision for tiny recursive reasoning models.
+
+`dis_core` holds the interfaces, the plugin registry, recipe loading and the trainer.
+Builtin components live in the `dis_plugins` package and are discovered like any
+third-party plugin; this package never imports them.
+"""
+
+__version__ = "0.1.0"
+
+from dis_core.hookspecs import hookimpl  # noqa: E402  (the one name plugin authors need)
+
+__all__ = ["__version__", "hookimpl"]

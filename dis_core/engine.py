@@ -1,0 +1,135 @@
+"""Everything distributed lives here: process-group start-up, the DeepSpeed engine and collectives.
+
+One process with no launcher, `deepspeed --num_gpus N`, `torchrun` and multi-node launches all
+go through `init_distributed`. On CPU the backend is gloo and the precision fp32; on GPU nccl
+and bf16 by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dis_core.errors import UserError
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> None:
+    """Start (once per process) the process group DeepSpeed needs.
+
+    Without a launcher DeepSpeed tries MPI discovery and fails (no mpi4py), so a lone process
+    sets the five launcher variables itself. On CPU, DeepSpeed's shared-memory collective op would
+    be JIT-built on first use (~55 s per machine); plain gloo collectives are used instead.
+    """
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` on rank 0 (None elsewhere). Works without a process group too."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def deepspeed_config(user: dict, *, global_batch: int, world: int, precision: str, grad_clip: float) -> dict:
+    """The DeepSpeed config: our batch bookkeeping and precision, then the recipe's
+    `[deepspeed]` table on top (so experts can set ZeRO stages, comms options, ...)."""
+    if global_batch % world:
+        raise UserError(f"train.global_batch_size={global_batch} is not divisible by the {world} processes")
+    cfg: dict = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // world,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 10**9,  # our own logging reports progress
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": precision == "bf16"},
+        # A client optimizer (AdamATan2, ...) under ZeRO needs this flag.
+        "zero_allow_untested_optimizer": True,
+    }
+    if grad_clip > 0:
+        cfg["gradient_clipping"] = grad_clip
+    merged = copy.deepcopy(cfg)
+    for key, value in user.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if merged[key] != cfg[key]:
+            raise UserError(
+                f"[deepspeed].{key} conflicts with train.global_batch_size; set the batch in [train] only"
+            )
+    if "optimizer" in merged or "scheduler" in merged:
+        raise UserError("[deepspeed] must not set optimizer/scheduler: use [train.optimizer] and [train.schedule]")
+    return merged
+
+
+def make_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine

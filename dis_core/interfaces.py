@@ -1,0 +1,188 @@
+"""Interfaces of the component kinds, as Protocols that state shapes, dtypes and ownership.
+
+Notation (see docs/concepts.md for the map to TRM/HRM names):
+  B batch, L task sequence length (the answer grid, flattened), P prefix length (puzzle-embedding
+  positions), S = P + L, D hidden size, V vocabulary, N = n_sup supervision steps.
+
+A *batch* is a `dict[str, torch.Tensor]` with at least:
+  "inputs"       (B, L) int64   the question x~ as tokens
+  "labels"       (B, L) int64   y*; IGNORE (-100) where a cell is not supervised
+  "puzzle_ids"   (B,)   int64   row of the puzzle-embedding table; 0 is the blank identifier
+  "example_ids"  (B,)   int64   index of the example in its split (stable, used to key plans/votes)
+Tasks may add keys of their own (any tensor whose first dimension is B); the trainer carries
+them along untouched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import attrs
+import numpy as np
+import torch
+
+IGNORE = -100
+"""Label value of cells that are not supervised (the torch cross-entropy convention)."""
+
+Batch = dict[str, torch.Tensor]
+NumpyBatch = dict[str, np.ndarray]
+
+
+@attrs.frozen(kw_only=True)
+class TaskSpec:
+    """What a backbone and a target generator need to know about a task's encoding."""
+
+    vocab_size: int  # V: number of token ids, including PAD/EOS where the task has them
+    seq_len: int  # L: tokens per example (flattened grid)
+    num_puzzle_ids: int = 1  # rows of the puzzle-embedding table, the blank id 0 included
+    pad_id: int = 0  # token of padding cells in `inputs`
+    grid_shape: tuple[int, int] | None = None  # (rows, cols) when the sequence is a grid
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """An indexable split. `get` is a pure function of the indices: the same indices always
+    give the same arrays, so on-the-fly augmentation is deterministic and resumable."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: np.ndarray) -> NumpyBatch:
+        """Arrays for `indices` (K,): the batch keys above as numpy arrays, first dim K.
+        `example_ids` must equal `indices`."""
+        ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A puzzle family: its encoding (`spec`) and its splits. Owns no model state."""
+
+    spec: TaskSpec
+
+    def dataset(self, split: str) -> Dataset:
+        """The split "train" or "test" (built or loaded on first call, then cached)."""
+        ...
+
+
+class SolverTrajectoryTask(Protocol):
+    """Optional capability: a task that can produce solver-ordered intermediate answers."""
+
+    def solver_trajectory(self, batch: Batch, n_sup: int) -> torch.Tensor:
+        """(B, n_sup, L) int64 intermediate answers, frame n_sup-1 == labels."""
+        ...
+
+
+@runtime_checkable
+class TargetGenerator(Protocol):
+    """Builds the per-step targets y_1^+ .. y_N^+ for a batch.
+
+    Called once when a slot is (re)filled with an example; the result is kept with the slot
+    for all its supervision steps. Must consume randomness only from `generator`.
+    """
+
+    monotone: bool  # declared: Hamming distance to y* never increases along the frames
+
+    def __call__(self, batch: Batch, n_sup: int, generator: torch.Generator) -> torch.Tensor:
+        """(B, n_sup, L) int64 targets, IGNORE where unsupervised; frame n_sup-1 is the final
+        target (normally == labels)."""
+        ...
+
+
+@runtime_checkable
+class HaltingStrategy(Protocol):
+    """Decides after each supervision step which slots are done.
+
+    The trainer owns the carry (slot states, step counters); the strategy only decides.
+    """
+
+    max_steps: int  # no slot runs more supervision steps than this
+    uses_q_head: bool  # whether q-logits feed the decision and the loss
+
+    def halt(self, steps: torch.Tensor, q_logits: torch.Tensor, *, training: bool, generator: torch.Generator) -> torch.Tensor:
+        """steps (B,) int64 steps done so far (>= 1), q_logits (B, 2) fp32 [halt, continue]
+        -> (B,) bool, True where the slot halts now."""
+        ...
+
+    def loss(self, q_logits: torch.Tensor, seq_correct: torch.Tensor) -> torch.Tensor:
+        """Per-slot halting loss (B,) fp32 (zeros when the head is unused)."""
+        ...
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """The recursive network: one `forward` call is one supervision step.
+
+    A plain nn.Module that knows nothing of ranks or DeepSpeed. It owns its parameters and
+    its fixed init buffers; the trainer owns the recurrent state between calls.
+    """
+
+    hidden_size: int
+    prefix_len: int  # P: puzzle-embedding positions prepended to the L task positions
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, z), each (B, S, D): the state a freshly filled slot starts from."""
+        ...
+
+    def forward(
+        self,
+        state: tuple[torch.Tensor, torch.Tensor],
+        tokens: torch.Tensor,
+        step: torch.Tensor,
+        puzzle_emb: torch.Tensor | None = None,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """state (y, z) each (B, S, D); tokens (B, L) int64; step (B,) int64 1-based step
+        index; puzzle_emb (B, E) or None -> (new state (not detached), logits (B, L, V),
+        q_logits (B, 2) fp32)."""
+        ...
+
+    def calls_per_step(self) -> tuple[int, int]:
+        """(network calls per supervision step, of which with gradient)."""
+        ...
+
+    def flops_per_call(self, seq_len: int) -> float:
+        """Forward FLOPs of one network call for one example at sequence length S."""
+        ...
+
+
+@attrs.frozen(kw_only=True)
+class EvalRecord:
+    """What an evaluator sees for each (real, non-padding) test example batch."""
+
+    batch: Batch  # the batch as the task produced it (CPU tensors)
+    preds: torch.Tensor  # (B, N, L) int64 argmax after each supervision step
+    q_halt: torch.Tensor  # (B,) fp32 halting logit after the last step (confidence proxy)
+    steps: torch.Tensor  # (B,) int64 supervision steps actually run
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Accumulates over the test split on each rank; rank 0 merges the states.
+
+    `update` sees CPU tensors. `state` must be picklable (it is gathered across ranks).
+    `compute` runs on rank 0 only and returns metrics without the evaluator prefix
+    (the trainer names them `<evaluator>/<metric>`). `out_dir` is where files such as
+    `submission.json` go.
+    """
+
+    def reset(self) -> None: ...
+
+    def update(self, record: EvalRecord) -> None: ...
+
+    def state(self) -> Any: ...
+
+    def compute(self, states: list[Any], out_dir: Path | None) -> dict[str, float]: ...
+
+
+OptimizerFactory = Callable[[list], torch.optim.Optimizer]
+
+
+@attrs.frozen(kw_only=True)
+class BuildContext:
+    """Handed to every factory. Later components see the earlier ones (task first)."""
+
+    seed: int
+    n_sup: int
+    data_dir: Path  # where tasks may cache prepared data
+    task: Any = None  # the built Task (None while the task itself is being built)
+    spec: TaskSpec | None = None
+    component: str = ""  # recipe path of the component being built, for error messages

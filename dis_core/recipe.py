@@ -1,0 +1,294 @@
+"""Recipes: TOML files that compose components, loaded strictly and resolved against the registry.
+
+Loading runs in three passes, each collecting every problem before raising one `RecipeError`:
+  1. read the file and its `extends` chain, merge, apply `--set` overrides;
+  2. structure the result into the frozen `Recipe` classes below;
+  3. look up each component's name in the registry and structure its `config` table into
+     that component's own config class.
+The result, `ResolvedRecipe`, is what the trainer builds from and what every run saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from dis_core.config import structure, unstructure
+from dis_core.errors import RecipeError, UnknownComponentError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@attrs.frozen(kw_only=True)
+class ComponentSpec:
+    """A `[section]` naming a registered component and the table for its config class."""
+
+    name: str
+    config: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class Schedule:
+    warmup_steps: int = 0  # linear warm-up from lr/warmup (the reference's first step) to lr
+    decay: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 1.0  # cosine floor as a fraction of lr; 1.0 == constant (the reference default)
+
+
+def _positive(_inst, attr, value):
+    if value is not None and value <= 0:
+        raise ValueError(f"{attr.name} must be > 0, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class Train:
+    seed: int = 0
+    global_batch_size: int = attrs.field(validator=_positive)  # examples per optimizer step, all ranks together
+    steps: int | None = attrs.field(default=None, validator=_positive)  # optimizer (= supervision) steps
+    epochs: float | None = attrs.field(default=None, validator=_positive)  # or: passes over the train split
+    eval_interval: int = 0  # optimizer steps between evaluations; 0 = only at the end
+    checkpoint_interval: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    eval_batch_size: int | None = attrs.field(default=None, validator=_positive)  # default: global_batch_size
+    eval_limit: int | None = attrs.field(default=None, validator=_positive)  # evaluate only the first K test examples
+    log_interval: int = 10
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 is slow there)
+    threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
+    grad_clip: float = 0.0  # 0 = off (the reference does not clip)
+    # Sparse puzzle-embedding table (used when the backbone has puzzle_emb_ndim > 0): sign-SGD with
+    # decoupled weight decay at its own learning rate, on the same warm-up schedule.
+    puzzle_emb_lr: float = 1e-2
+    puzzle_emb_weight_decay: float = 0.1
+    ema: float = 0.0  # EMA decay of the weights used for evaluation and checkpoints; 0 = off (TRM: 0.999)
+    optimizer: ComponentSpec = attrs.field(factory=lambda: ComponentSpec(name="adamw"))
+    schedule: Schedule = attrs.field(factory=Schedule)
+
+    def __attrs_post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.steps and train.epochs")
+
+
+@attrs.frozen(kw_only=True)
+class Supervision:
+    n_sup: int = attrs.field(default=6, validator=_positive)  # supervision steps per example (DIS 6, TRM max 16)
+    # Per-step loss weights: uniform as the official DIS code; linear (w_s ∝ s, mean 1) as the paper.
+    step_weights: Literal["uniform", "linear"] = "uniform"
+    # Token input after the first step: the model's previous argmax (official code) or x again.
+    step_input: Literal["prediction", "question"] = "prediction"
+    loss: Literal["stablemax", "softmax"] = "stablemax"
+
+
+@attrs.frozen(kw_only=True)
+class Recipe:
+    description: str = ""
+    task: ComponentSpec
+    backbone: ComponentSpec
+    targets: ComponentSpec = attrs.field(factory=lambda: ComponentSpec(name="final"))
+    halting: ComponentSpec = attrs.field(factory=lambda: ComponentSpec(name="fixed"))
+    evaluators: tuple[ComponentSpec, ...] = (ComponentSpec(name="exact"),)
+    supervision: Supervision = attrs.field(factory=Supervision)
+    train: Train
+    deepspeed: dict[str, Any] = attrs.field(factory=dict)  # passed through to DeepSpeed
+
+
+# recipe section -> registry kind
+COMPONENT_SECTIONS = {
+    "task": "task",
+    "backbone": "backbone",
+    "targets": "target_generator",
+    "halting": "halting",
+}
+
+
+@attrs.frozen
+class ResolvedRecipe:
+    """A recipe whose component configs are structured into their own classes."""
+
+    recipe: Recipe
+    configs: dict[str, Any]  # "task", "backbone", "targets", "halting", "optimizer", "evaluators.0", ...
+    source: str
+
+    def component(self, key: str) -> tuple[str, Any]:
+        """(name, config) of the component at recipe path `key`."""
+        spec = _spec_at(self.recipe, key)
+        return spec.name, self.configs[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe (every default filled in) as a plain TOML-able dict."""
+        data = unstructure(self.recipe)
+        for key, cfg in self.configs.items():
+            target = _raw_spec_at(data, key)
+            target["config"] = unstructure(cfg)
+        return _drop_none(data)
+
+
+def _spec_at(recipe: Recipe, key: str) -> ComponentSpec:
+    if key.startswith("evaluators."):
+        return recipe.evaluators[int(key.split(".")[1])]
+    if key == "optimizer":
+        return recipe.train.optimizer
+    return getattr(recipe, key)
+
+
+def _raw_spec_at(data: dict, key: str) -> dict:
+    if key.startswith("evaluators."):
+        return data["evaluators"][int(key.split(".")[1])]
+    if key == "optimizer":
+        return data["train"]["optimizer"]
+    return data[key]
+
+
+def _json_path(key: str) -> str:
+    if key == "optimizer":
+        return "$.train.optimizer"
+    if key.startswith("evaluators."):
+        return f"$.evaluators[{key.split('.')[1]}]"
+    return f"$.{key}"
+
+
+def _drop_none(obj):
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_drop_none(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: files, extends, overrides
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError([f"file not found: {path}"], source=str(path))
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError([f"not valid TOML: {exc}"], source=str(path)) from None
+    except UnicodeDecodeError:
+        raise RecipeError(["not UTF-8 text"], source=str(path)) from None
+
+
+def merge(base: dict, child: dict) -> dict:
+    """Deep-merge `child` over `base`. A component whose `name` changes gets the child's
+    `config` alone: keys of another component's config would not fit."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            old = out[key]
+            if "name" in value and "name" in old and value["name"] != old["name"]:
+                out[key] = copy.deepcopy(value)
+            else:
+                out[key] = merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe and its `extends` chain (relative to the file that names it)."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise RecipeError([f"extends forms a cycle: {chain}"], source=str(path))
+    data = read_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError([f"invalid value (extends must be a file name string) @ $.extends"], source=str(path))
+    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+    if not parent_path.is_file():
+        raise RecipeError([f"extends names a missing file {parent!r} (looked at {parent_path}) @ $.extends"], source=str(path))
+    return merge(load_raw(parent_path, (*_seen, resolved)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value), the value read as a TOML value (bare words are strings)."""
+    if "=" not in text:
+        raise RecipeError([f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=100"], source="--set")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError([f"--set {text!r}: empty key"], source="--set")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as `adamw` is a string
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError([f"--set {text!r}: no item {part} in {'.'.join(parts[:i])}"], source="--set")
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise RecipeError([f"--set {text!r}: {'.'.join(parts[:i])} is not a table"], source="--set")
+            node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError([f"--set {text!r}: no item {last}"], source="--set")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            # Changing a component's name drops the old component's config (it would not fit).
+            if last == "name" and node.get("name") not in (None, value):
+                node.pop("config", None)
+            node[last] = value
+        else:
+            raise RecipeError([f"--set {text!r}: {'.'.join(parts[:-1])} is not a table"], source="--set")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes 2 and 3
+
+
+def resolve(data: dict[str, Any], registry, source: str = "<recipe>") -> ResolvedRecipe:
+    recipe, problems = structure(data, Recipe, "$")
+    if recipe is None:
+        raise RecipeError(problems, source=source)
+
+    configs: dict[str, Any] = {}
+    keys = [(section, kind) for section, kind in COMPONENT_SECTIONS.items()]
+    keys.append(("optimizer", "optimizer"))
+    keys += [(f"evaluators.{i}", "evaluator") for i in range(len(recipe.evaluators))]
+    seen_eval: set[str] = set()
+    for key, kind in keys:
+        spec = _spec_at(recipe, key)
+        path = _json_path(key)
+        if kind == "evaluator":
+            if spec.name in seen_eval:
+                problems.append(f"evaluator {spec.name!r} is listed twice @ {path}")
+            seen_eval.add(spec.name)
+        try:
+            entry = registry.get(kind, spec.name)
+        except UnknownComponentError as exc:
+            problems.append(f"{exc} @ {path}.name")
+            continue
+        cfg, errs = structure(spec.config, entry.config_cls, f"{path}.config")
+        problems += errs
+        configs[key] = cfg
+    if problems:
+        raise RecipeError(problems, source=source)
+    return ResolvedRecipe(recipe, configs, source)
+
+
+def load_recipe(path: str | Path, registry, overrides: list[str] | None = None) -> ResolvedRecipe:
+    data = load_raw(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return resolve(data, registry, source=str(path))

@@ -1,0 +1,124 @@
+"""Backbone `hrm`: an HRM-style baseline (arXiv 2506.21734) with SDPA attention.
+
+Two separate modules, L (fast, updates z) and H (slow, updates y), 4 blocks each by default:
+    z <- L(z, y + x)   (n times per cycle)
+    y <- H(y, z)       (once per cycle)
+over T cycles. HRM's one-step gradient: everything but the very last L- and H-update runs
+without gradient, so backprop sees exactly one L call and one H call
+(reference_behaviour.md §2 "HRM backbone differences", §3 "HRM inner step").
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import nn
+
+from dis_core import hookimpl
+from dis_plugins.backbones.layers import (
+    Block,
+    InputEmbedding,
+    Linear,
+    Reasoner,
+    Rotary,
+    block_flops,
+    check_shape_config,
+    prefix_length,
+    q_head,
+    trunc_normal_,
+)
+
+
+@attrs.frozen(kw_only=True)
+class HRMConfig:
+    hidden_size: int = 512  # D
+    num_heads: int = 8
+    expansion: float = 4.0  # SwiGLU inner size = 256*ceil(round(expansion*D*2/3)/256)
+    H_layers: int = 4  # blocks of the slow module (updates y, reference z_H)
+    L_layers: int = 4  # blocks of the fast module (updates z, reference z_L)
+    T: int = 2  # cycles per supervision step (reference H_cycles)
+    n: int = 2  # L-updates per cycle (reference L_cycles)
+    pos_encodings: str = "rope"  # "rope" | "learned" | "none"
+    rope_theta: float = 10000.0
+    # DIS: add a learned (n_sup + 2)-row table, indexed by the supervision step, to every position.
+    step_embedding: bool = False
+    # Width of the per-puzzle vector the trainer passes in; 0 = no puzzle embedding.
+    puzzle_emb_ndim: int = 0
+    # Prefix positions P; 0 = ceil(puzzle_emb_ndim / D) (HRM itself always uses that: P = 1).
+    puzzle_emb_len: int = 0
+
+    def __attrs_post_init__(self):
+        check_shape_config(self)
+        if self.H_layers < 1 or self.L_layers < 1:
+            raise ValueError(f"H_layers ({self.H_layers}) and L_layers ({self.L_layers}) must be >= 1")
+
+
+class HRM(nn.Module):
+    def __init__(self, config: HRMConfig, vocab_size: int, seq_len: int, n_sup: int):
+        super().__init__()
+        c = config
+        D = c.hidden_size
+        self.config = c
+        self.hidden_size = D
+        self.puzzle_emb_ndim = c.puzzle_emb_ndim
+        self.prefix_len = prefix_length(c.puzzle_emb_ndim, c.puzzle_emb_len, D)
+        self.seq_len = self.prefix_len + seq_len  # S
+        self.T, self.n = c.T, c.n
+        self.embed = InputEmbedding(
+            vocab_size, D, seq_len, self.prefix_len, c.puzzle_emb_ndim, c.pos_encodings,
+            step_rows=n_sup + 2 if c.step_embedding else 0,
+        )
+        rotary = Rotary(D // c.num_heads, self.seq_len, c.rope_theta) if c.pos_encodings == "rope" else None
+        self.H = Reasoner([Block(D, c.num_heads, c.expansion, self.seq_len) for _ in range(c.H_layers)], rotary)
+        self.L = Reasoner([Block(D, c.num_heads, c.expansion, self.seq_len) for _ in range(c.L_layers)], rotary)
+        self.lm_head = Linear(D, vocab_size)
+        self.q_head = q_head(D)
+        # Start states of y (z_H) and z (z_L): fixed random vectors, saved but never trained.
+        self.register_buffer("H_init", trunc_normal_(torch.empty(D), 1.0))
+        self.register_buffer("L_init", trunc_normal_(torch.empty(D), 1.0))
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (batch_size, self.seq_len, self.hidden_size)
+        return self.H_init.expand(shape).contiguous(), self.L_init.expand(shape).contiguous()
+
+    def calls_per_step(self) -> tuple[int, int]:
+        return self.T * self.n + self.T, 2
+
+    def flops_per_call(self, seq_len: int) -> float:
+        # Calls mix L (L_layers blocks) and H (H_layers blocks): this is their average, exact
+        # for the whole step; the grad part (one of each) matches it when H_layers == L_layers.
+        c = self.config
+        calls = self.T * self.n + self.T
+        blocks = (self.T * self.n * c.L_layers + self.T * c.H_layers) / calls
+        return blocks * block_flops(seq_len, self.hidden_size, c.expansion)
+
+    def forward(self, state, tokens, step, puzzle_emb=None):
+        x = self.embed(tokens, step, puzzle_emb)  # (B, S, D)
+        y, z = (s.to(x.dtype) for s in state)  # (B, S, D) each
+        with torch.no_grad():
+            for cycle in range(self.T):
+                last_cycle = cycle == self.T - 1
+                yx = y + x
+                for i in range(self.n):
+                    if not (last_cycle and i == self.n - 1):
+                        z = self.L(z, yx)
+                if not last_cycle:
+                    y = self.H(y, z)
+        # One-step gradient: the final L- and H-update.
+        z = self.L(z, y + x)
+        y = self.H(y, z)
+        logits = self.lm_head(y[:, self.prefix_len :])  # (B, L, V)
+        q_logits = self.q_head(y[:, 0]).float()  # (B, 2) [halt, continue]
+        return (y, z), logits, q_logits
+
+
+def build_hrm(config: HRMConfig, ctx) -> HRM:
+    """HRM-style baseline: separate H and L modules, one-step gradient, SDPA attention."""
+    if ctx.spec is None:
+        raise ValueError(f"backbone 'hrm' ({ctx.component or 'backbone'}) needs the task's spec to size itself")
+    return HRM(config, ctx.spec.vocab_size, ctx.spec.seq_len, ctx.n_sup)
+
+
+@hookimpl
+def register_backbones(register):
+    register("hrm", HRMConfig, build_hrm)

@@ -1,0 +1,281 @@
+"""Building blocks shared by the recursive backbones (`trm`, `hrm`).
+
+They follow the reference TRM layers number by number (reference_behaviour.md §2): LeCun
+truncated-normal init, bias-free linears, a parameter-free RMSNorm in fp32, 1-D RoPE over the
+whole sequence (prefix included), SwiGLU sized to a multiple of 256, and post-norm blocks.
+
+Modules run in whatever dtype their parameters have (DeepSpeed may cast them to bf16); the
+norm and the rotary maths are done in fp32 and cast back, as the reference does.
+Notation: B batch, S = P + L positions, D hidden, H heads, d_h = D / H.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-5
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float, bound: float = 2.0) -> torch.Tensor:
+    """Fill `tensor` in place from N(0, s^2) cut at +-bound*s, with s chosen so that the
+    *realised* std equals `std` (JAX's truncated_normal convention; torch's trunc_normal_
+    cuts at absolute values and leaves the std shrunk by ~12%). std 0 gives zeros."""
+    if std == 0:
+        return tensor.detach().zero_()
+    # Variance of a standard normal truncated to [-b, b]: 1 - 2 b phi(b) / (Phi(b) - Phi(-b)).
+    pdf = math.exp(-0.5 * bound * bound) / math.sqrt(2 * math.pi)
+    mass = math.erf(bound / math.sqrt(2))
+    scale = std / math.sqrt(1 - 2 * bound * pdf / mass)
+    with torch.no_grad():
+        # Inverse-CDF sampling inside the cut: u ~ U(erf(-b/sqrt2), erf(b/sqrt2)), x = sqrt2 erfinv(u).
+        tensor.uniform_(-mass, mass).erfinv_().mul_(math.sqrt(2) * scale)
+        return tensor.clamp_(-bound * scale, bound * scale)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with LeCun init: truncated normal, std 1/sqrt(fan_in); bias (if any) zero."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.weight, 1.0 / math.sqrt(self.in_features))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding initialised truncated-normal with std `init_std` (1/sqrt(D) in TRM)."""
+
+    def __init__(self, num: int, dim: int, init_std: float):
+        self.init_std = init_std
+        super().__init__(num, dim)
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.weight, self.init_std)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim, computed in (at least) fp32 and cast back;
+    the casts are no-ops for an fp32 model."""
+    return F.rms_norm(_at_least_fp32(x), (x.shape[-1],), eps=NORM_EPS).to(x.dtype)
+
+
+def swiglu_size(hidden: int, expansion: float) -> int:
+    """Reference inner size: 2/3 of expansion*hidden, rounded up to a multiple of 256."""
+    return 256 * math.ceil(round(expansion * hidden * 2 / 3) / 256)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, expansion: float):
+        super().__init__()
+        self.inner = swiglu_size(hidden, expansion)
+        self.gate_up = Linear(hidden, 2 * self.inner)  # one matmul for gate and up
+        self.down = Linear(self.inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., I) each
+        return self.down(F.silu(gate) * up)
+
+
+class Rotary(nn.Module):
+    """1-D RoPE over positions 0..S-1 (prefix included), rotate-half convention.
+
+    cos/sin are kept as plain fp32 tensors, not buffers, so that casting the module to bf16
+    (DeepSpeed) does not round them; they are rebuilt once per device.
+    """
+
+    def __init__(self, head_dim: int, seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim, self.seq_len, self.theta = head_dim, seq_len, theta
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._cache:
+            inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
+            freqs = torch.outer(torch.arange(self.seq_len, dtype=torch.float32, device=device), inv_freq)  # (S, d_h/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (S, d_h)
+            # (S, 1, d_h): broadcasts over heads in the (B, S, H, d_h) layout.
+            self._cache[device] = (emb.cos()[:, None, :], emb.sin()[:, None, :])
+        return self._cache[device]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., S, H, d_h) -> x cos + rot(x) sin with rot(a, b) = (-b, a), in (at least) fp32."""
+    xf = _at_least_fp32(x)
+    a, b = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-b, a), dim=-1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Full multi-head self-attention: fused q/k/v projection, no bias, no mask (PAD and
+    prefix positions attend everywhere, as in the reference)."""
+
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, hidden // num_heads
+        self.qkv = Linear(hidden, 3 * hidden)  # output laid out as (3, H, d_h)
+        self.out = Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, S, D = x.shape
+        qkv = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim)
+        if rotary is not None:
+            # Rotate q and k together (one pass over (B, S, 2, H, d_h)); v is untouched.
+            qk = apply_rotary(qkv[:, :, :2], rotary[0][:, None], rotary[1][:, None])
+            q, k = qk.unbind(2)
+        else:
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        v = qkv[:, :, 2]
+        # SDPA wants (B, H, S, d_h); the transposes are views.
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False)
+        return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    """Post-norm block: h = rms(h + mix(h)); h = rms(h + SwiGLU_D(h)).
+
+    mix is attention, or with `mlp_t` (TRM-MLP) a SwiGLU over the S positions applied to the
+    transposed state, whose RMSNorm then normalises over S.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, expansion: float, seq_len: int, mlp_t: bool = False):
+        super().__init__()
+        self.mlp_t = mlp_t
+        if mlp_t:
+            self.token_mlp = SwiGLU(seq_len, expansion)
+        else:
+            self.attn = Attention(hidden, num_heads)
+        self.mlp = SwiGLU(hidden, expansion)
+
+    def forward(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if self.mlp_t:
+            t = h.transpose(1, 2)  # (B, D, S)
+            h = rms_norm(t + self.token_mlp(t)).transpose(1, 2)  # back to (B, S, D)
+        else:
+            h = rms_norm(h + self.attn(h, rotary))
+        return rms_norm(h + self.mlp(h))
+
+
+class Reasoner(nn.Module):
+    """A stack of blocks with input injection: net(h, inj) = blocks(h + inj)."""
+
+    def __init__(self, blocks: list[Block], rotary: Rotary | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.rotary = rotary
+
+    def forward(self, h: torch.Tensor, inj: torch.Tensor) -> torch.Tensor:
+        rotary = self.rotary.cos_sin(h.device) if self.rotary is not None else None
+        h = h + inj
+        for block in self.blocks:
+            h = block(h, rotary)
+        return h
+
+
+class InputEmbedding(nn.Module):
+    """x = f_I(tokens): token embedding, puzzle prefix, [step embedding], [learned positions],
+    all times sqrt(D), in that order (reference_behaviour.md §2 and §4.1).
+
+    The puzzle-embedding table itself lives outside the backbone (the trainer owns it and its
+    sign-SGD); this module only receives the looked-up rows (B, E).
+    """
+
+    def __init__(self, vocab: int, hidden: int, seq_len: int, prefix_len: int, puzzle_emb_ndim: int,
+                 pos_encodings: str, step_rows: int):
+        super().__init__()
+        std = 1.0 / math.sqrt(hidden)
+        self.hidden, self.prefix_len, self.puzzle_emb_ndim = hidden, prefix_len, puzzle_emb_ndim
+        self.scale = math.sqrt(hidden)
+        self.tokens = Embedding(vocab, hidden, std)
+        # DIS: (n_sup + 2)-row table indexed by the 1-based step, clamped to <= n_sup.
+        self.step = Embedding(step_rows, hidden, std) if step_rows else None
+        self.pos = Embedding(prefix_len + seq_len, hidden, std) if pos_encodings == "learned" else None
+
+    def forward(self, tokens: torch.Tensor, step: torch.Tensor | None, puzzle_emb: torch.Tensor | None) -> torch.Tensor:
+        x = self.tokens(tokens)  # (B, L, D)
+        B, _, D = x.shape
+        if self.prefix_len:
+            if puzzle_emb is None:
+                prefix = x.new_zeros(B, self.prefix_len, D)
+            else:
+                if puzzle_emb.shape != (B, self.puzzle_emb_ndim):
+                    raise ValueError(
+                        f"puzzle_emb has shape {tuple(puzzle_emb.shape)}, expected ({B}, {self.puzzle_emb_ndim}) "
+                        "(batch, backbone puzzle_emb_ndim)"
+                    )
+                pad = self.prefix_len * D - self.puzzle_emb_ndim
+                prefix = F.pad(puzzle_emb.to(x.dtype), (0, pad)).view(B, self.prefix_len, D)
+            x = torch.cat((prefix, x), dim=1)  # (B, S, D)
+        if self.step is not None:
+            if step is None:
+                raise ValueError("this backbone has a step embedding, so forward needs `step`")
+            x = x + self.step(step.clamp(0, self.step.num_embeddings - 2))[:, None, :]
+        if self.pos is not None:
+            x = 0.70710678 * (x + self.pos.weight)  # keeps the sum's scale at ~1 std
+        return x * self.scale
+
+
+def q_head(hidden: int) -> Linear:
+    """D -> 2 halting head [halt, continue] with weight 0 and bias -5, so sigmoid(q_halt)
+    starts at ~0.007 (the reference's init)."""
+    head = Linear(hidden, 2, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-5.0)
+    return head
+
+
+def block_flops(seq_len: int, hidden: int, expansion: float, mlp_t: bool = False) -> float:
+    """Forward FLOPs of one block for one example: 2 S (4 D^2 + 3 D I(D)) + 4 S^2 D.
+
+    With mlp_t the token SwiGLU runs over D rows of length S: 2 S (3 D I(S)) replaces the
+    projections' 2 S 4 D^2, and there is no S^2 attention term. (The literal reading "replace
+    4 D^2 by 3 S I(S)" is only right when S = D; this form is the one that reproduces the
+    reference's 2.1e18 for a whole TRM-MLP Sudoku run.)
+    """
+    S, D = seq_len, hidden
+    mlp = 3 * D * swiglu_size(D, expansion)
+    if mlp_t:
+        return 2.0 * S * (3 * D * swiglu_size(S, expansion) + mlp)
+    return 2.0 * S * (4 * D * D + mlp) + 4.0 * S * S * D
+
+
+POS_ENCODINGS = ("rope", "learned", "none")
+
+
+def check_shape_config(config) -> None:
+    """Checks shared by the backbone configs; raises ValueError naming the field."""
+    c = config
+    if c.hidden_size <= 0 or c.num_heads <= 0:
+        raise ValueError(f"hidden_size ({c.hidden_size}) and num_heads ({c.num_heads}) must be positive")
+    if c.hidden_size % c.num_heads:
+        raise ValueError(f"hidden_size ({c.hidden_size}) must be divisible by num_heads ({c.num_heads})")
+    if c.pos_encodings not in POS_ENCODINGS:
+        raise ValueError(f"pos_encodings must be one of {', '.join(POS_ENCODINGS)}, got {c.pos_encodings!r}")
+    if c.pos_encodings == "rope" and (c.hidden_size // c.num_heads) % 2:
+        raise ValueError(f"rope needs an even head size; hidden_size/num_heads = {c.hidden_size // c.num_heads}")
+    if c.expansion <= 0:
+        raise ValueError(f"expansion must be positive, got {c.expansion}")
+    if c.T < 1 or c.n < 1:
+        raise ValueError(f"T (cycles, got {c.T}) and n (z-updates per cycle, got {c.n}) must be >= 1")
+    if c.puzzle_emb_ndim < 0 or c.puzzle_emb_len < 0:
+        raise ValueError("puzzle_emb_ndim and puzzle_emb_len must be >= 0")
+    if c.puzzle_emb_len and c.puzzle_emb_ndim > c.puzzle_emb_len * c.hidden_size:
+        raise ValueError(
+            f"puzzle_emb_ndim ({c.puzzle_emb_ndim}) does not fit in puzzle_emb_len ({c.puzzle_emb_len}) "
+            f"positions of hidden_size ({c.hidden_size}); raise puzzle_emb_len or set it to 0 (automatic)"
+        )
+
+
+def prefix_length(puzzle_emb_ndim: int, puzzle_emb_len: int, hidden: int) -> int:
+    """P: the configured length, or (when 0) as many positions as the puzzle vector needs."""
+    return puzzle_emb_len if puzzle_emb_len else -(-puzzle_emb_ndim // hidden)

@@ -1,0 +1,126 @@
+"""Backbone `trm`: the Tiny Recursive Model (arXiv 2510.04871), with DIS's step embedding as
+an option (arXiv 2511.16886).
+
+One shared network net(h, inj) = blocks(h + inj) plays both roles:
+    z <- net(z, y + x)   (n times: refine the latent)
+    y <- net(y, z)       (once: refine the answer)
+A supervision step runs T such cycles; the first T-1 without gradient, the last with it
+(backprop through the whole last cycle, not HRM's one-step gradient). See
+reference_behaviour.md §2-§3 (TRM) and §4.1 (DIS step embedding).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import nn
+
+from dis_core import hookimpl
+from dis_plugins.backbones.layers import (
+    Block,
+    InputEmbedding,
+    Linear,
+    Reasoner,
+    Rotary,
+    block_flops,
+    check_shape_config,
+    prefix_length,
+    q_head,
+    trunc_normal_,
+)
+
+
+@attrs.frozen(kw_only=True)
+class TRMConfig:
+    hidden_size: int = 512  # D
+    num_layers: int = 2  # blocks in the shared network (reference L_layers)
+    num_heads: int = 8
+    expansion: float = 4.0  # SwiGLU inner size = 256*ceil(round(expansion*D*2/3)/256)
+    T: int = 1  # cycles per supervision step (reference H_cycles); the first T-1 run without grad
+    n: int = 2  # z-updates per cycle (reference L_cycles)
+    pos_encodings: str = "rope"  # "rope" | "learned" | "none"
+    rope_theta: float = 10000.0
+    # TRM-MLP (Sudoku): a SwiGLU across positions replaces attention; needs a fixed S.
+    mlp_t: bool = False
+    # DIS: add a learned (n_sup + 2)-row table, indexed by the supervision step, to every position.
+    step_embedding: bool = False
+    # Width of the per-puzzle vector the trainer passes in (its table lives outside the backbone);
+    # 0 = no puzzle embedding.
+    puzzle_emb_ndim: int = 0
+    # Prefix positions P; 0 = ceil(puzzle_emb_ndim / D). TRM uses 16 (only the first carries
+    # the vector when ndim = D; the rest start at zero and act as scratch positions).
+    puzzle_emb_len: int = 0
+
+    def __attrs_post_init__(self):
+        check_shape_config(self)
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.mlp_t and self.pos_encodings == "rope":
+            raise ValueError("mlp_t has no attention, so rope would do nothing: set pos_encodings to 'none' or 'learned'")
+
+
+class TRM(nn.Module):
+    def __init__(self, config: TRMConfig, vocab_size: int, seq_len: int, n_sup: int):
+        super().__init__()
+        c = config
+        D = c.hidden_size
+        self.config = c
+        self.hidden_size = D
+        self.puzzle_emb_ndim = c.puzzle_emb_ndim
+        self.prefix_len = prefix_length(c.puzzle_emb_ndim, c.puzzle_emb_len, D)
+        self.seq_len = self.prefix_len + seq_len  # S
+        self.T, self.n = c.T, c.n
+        self.embed = InputEmbedding(
+            vocab_size, D, seq_len, self.prefix_len, c.puzzle_emb_ndim, c.pos_encodings,
+            step_rows=n_sup + 2 if c.step_embedding else 0,
+        )
+        rotary = Rotary(D // c.num_heads, self.seq_len, c.rope_theta) if c.pos_encodings == "rope" else None
+        blocks = [Block(D, c.num_heads, c.expansion, self.seq_len, c.mlp_t) for _ in range(c.num_layers)]
+        self.net = Reasoner(blocks, rotary)
+        self.lm_head = Linear(D, vocab_size)
+        self.q_head = q_head(D)
+        # Start states of y (reference z_H) and z (z_L): fixed random vectors, saved with the
+        # model but never trained.
+        self.register_buffer("H_init", trunc_normal_(torch.empty(D), 1.0))
+        self.register_buffer("L_init", trunc_normal_(torch.empty(D), 1.0))
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (batch_size, self.seq_len, self.hidden_size)
+        return self.H_init.expand(shape).contiguous(), self.L_init.expand(shape).contiguous()
+
+    def calls_per_step(self) -> tuple[int, int]:
+        return self.T * (self.n + 1), self.n + 1
+
+    def flops_per_call(self, seq_len: int) -> float:
+        c = self.config
+        return c.num_layers * block_flops(seq_len, self.hidden_size, c.expansion, c.mlp_t)
+
+    def _cycle(self, y: torch.Tensor, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        yx = y + x  # the z-updates' injection does not change within a cycle
+        for _ in range(self.n):
+            z = self.net(z, yx)
+        y = self.net(y, z)
+        return y, z
+
+    def forward(self, state, tokens, step, puzzle_emb=None):
+        x = self.embed(tokens, step, puzzle_emb)  # (B, S, D)
+        y, z = (s.to(x.dtype) for s in state)  # (B, S, D) each
+        with torch.no_grad():
+            for _ in range(self.T - 1):
+                y, z = self._cycle(y, z, x)
+        y, z = self._cycle(y, z, x)
+        logits = self.lm_head(y[:, self.prefix_len :])  # (B, L, V): the prefix is never decoded
+        q_logits = self.q_head(y[:, 0]).float()  # (B, 2) [halt, continue] from the first position
+        return (y, z), logits, q_logits
+
+
+def build_trm(config: TRMConfig, ctx) -> TRM:
+    """Tiny Recursive Model: one shared network, T cycles of n z-updates and a y-update."""
+    if ctx.spec is None:
+        raise ValueError(f"backbone 'trm' ({ctx.component or 'backbone'}) needs the task's spec to size itself")
+    return TRM(config, ctx.spec.vocab_size, ctx.spec.seq_len, ctx.n_sup)
+
+
+@hookimpl
+def register_backbones(register):
+    register("trm", TRMConfig, build_trm)

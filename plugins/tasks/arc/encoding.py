@@ -1,0 +1,118 @@
+"""ARC grids <-> token canvases, the 8 dihedral transforms, and the evaluator's crop.
+
+Tokens (the reference encoding, reference_behaviour.md §5.1): PAD 0, EOS 1, colour c -> c + 2.
+A grid of shape (h, w) placed at (r0, c0) on the 30x30 canvas is followed by an EOS row at
+row r0+h over its columns and an EOS column at column c0+w over its rows, each only where it
+fits; the diagonal corner (r0+h, c0+w) stays PAD.
+
+Dihedral transform ids are the reference's: 0 identity, 1 rot90, 2 rot180, 3 rot270 (numpy's
+counter-clockwise `rot90`), 4 flip left-right, 5 flip up-down, 6 transpose, 7 anti-transpose
+(= fliplr(rot90)). `INVERSE[t]` undoes `t`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAD, EOS, COLOUR0 = 0, 1, 2
+VOCAB_SIZE = 12
+SIDE = 30
+SEQ_LEN = SIDE * SIDE
+
+INVERSE = np.array([0, 3, 2, 1, 4, 5, 6, 7], dtype=np.int64)
+SWAPS_AXES = np.array([False, True, False, True, False, False, True, True])  # output shape is (w, h)
+
+# Source cell of output cell (i, j) for a grid of shape (h, w), for each transform:
+#   a = A_H[t]*(h-1) + A_I[t]*i + A_J[t]*j,   b = B_W[t]*(w-1) + B_I[t]*i + B_J[t]*j.
+# Written out: t1 rot90 reads (j, w-1-i); t3 rot270 reads (h-1-j, i); t7 reads (h-1-j, w-1-i).
+_A_H = np.array([0, 0, 1, 1, 0, 1, 0, 1])
+_A_I = np.array([1, 0, -1, 0, 1, -1, 0, 0])
+_A_J = np.array([0, 1, 0, -1, 0, 0, 1, -1])
+_B_W = np.array([0, 1, 1, 0, 1, 0, 0, 1])
+_B_I = np.array([0, -1, 0, 1, 0, 0, 1, -1])
+_B_J = np.array([1, 0, -1, 0, -1, 1, 0, 0])
+
+
+def dihedral(grid: np.ndarray, t: int) -> np.ndarray:
+    """One grid (h, w) under transform t (the plain numpy definition; `render` must agree)."""
+    ops = (
+        lambda g: g,
+        np.rot90,
+        lambda g: np.rot90(g, 2),
+        lambda g: np.rot90(g, 3),
+        np.fliplr,
+        np.flipud,
+        lambda g: g.T,
+        lambda g: np.fliplr(np.rot90(g)),
+    )
+    return np.ascontiguousarray(ops[int(t)](grid))
+
+
+def transformed_shape(h: np.ndarray, w: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    swap = SWAPS_AXES[t]
+    return np.where(swap, w, h), np.where(swap, h, w)
+
+
+def render(
+    grids: np.ndarray,  # (K, 30, 30) uint8 colours 0..9 at the top-left, anything elsewhere
+    shapes: np.ndarray,  # (K, 2) (h, w) of each grid
+    tids: np.ndarray,  # (K,) dihedral transform ids
+    cmaps: np.ndarray,  # (K, 10) colour maps: new colour = cmap[old]
+    r0: np.ndarray,  # (K,) row offset of the transformed grid on the canvas
+    c0: np.ndarray,  # (K,) column offset
+) -> np.ndarray:
+    """Tokens (K, 900) uint8 of each grid, transformed, recoloured and placed: a single gather,
+    so a whole batch costs a few vectorised passes over (K, 30, 30)."""
+    k = len(grids)
+    t = np.asarray(tids, dtype=np.int64).reshape(k, 1, 1)
+    h = np.asarray(shapes[:, 0], dtype=np.int64).reshape(k, 1, 1)
+    w = np.asarray(shapes[:, 1], dtype=np.int64).reshape(k, 1, 1)
+    h2, w2 = transformed_shape(h, w, t)
+    i = np.arange(SIDE).reshape(1, SIDE, 1) - np.asarray(r0, dtype=np.int64).reshape(k, 1, 1)  # (K, 30, 1) row in the grid
+    j = np.arange(SIDE).reshape(1, 1, SIDE) - np.asarray(c0, dtype=np.int64).reshape(k, 1, 1)  # (K, 1, 30)
+    rows_in, cols_in = (i >= 0) & (i < h2), (j >= 0) & (j < w2)
+    inside = rows_in & cols_in  # (K, 30, 30)
+    a = _A_H[t] * (h - 1) + _A_I[t] * i + _A_J[t] * j
+    b = _B_W[t] * (w - 1) + _B_I[t] * i + _B_J[t] * j
+    src = np.where(inside, a * SIDE + b, 0).reshape(k, SEQ_LEN)
+    colours = np.take_along_axis(grids.reshape(k, SEQ_LEN), src, axis=1)  # (K, 900) original colours
+    tokens = np.take_along_axis(np.asarray(cmaps, dtype=np.uint8), colours.astype(np.int64), axis=1) + COLOUR0
+    eos = ((i == h2) & cols_in) | ((j == w2) & rows_in)
+    out = np.where(inside.reshape(k, SEQ_LEN), tokens, np.where(eos.reshape(k, SEQ_LEN), EOS, PAD))
+    return out.astype(np.uint8)
+
+
+def crop(tokens: np.ndarray) -> list[np.ndarray]:
+    """The reference's answer crop, for (B, 900) token rows -> B grids of colours 0..9.
+
+    For each r = 1..30 the usable width is the running minimum, over rows 0..r-1, of each row's
+    leading run of colour tokens; the (r, width) of maximal area wins (the first on ties), and
+    an all-PAD row 0 gives an empty (0, 0) grid.
+    """
+    x = np.asarray(tokens).reshape(-1, SIDE, SIDE)
+    is_colour = (x >= COLOUR0) & (x < VOCAB_SIZE)
+    lead = np.where(is_colour.all(axis=2), SIDE, np.argmin(is_colour, axis=2))  # (B, 30)
+    width = np.minimum.accumulate(lead, axis=1)
+    area = width * np.arange(1, SIDE + 1)
+    r = np.argmax(area, axis=1) + 1
+    w = width[np.arange(len(x)), r - 1]
+    r = np.where(w == 0, 0, r)
+    return [(x[b, : r[b], : w[b]].astype(np.int64) - COLOUR0).astype(np.uint8) for b in range(len(x))]
+
+
+def invert(grid: np.ndarray, tid: int, cmap: np.ndarray) -> np.ndarray:
+    """Undo an augmentation on a colour grid: the inverse dihedral, then the inverse colour map."""
+    inverse_map = np.argsort(np.asarray(cmap)).astype(np.uint8)
+    return inverse_map[dihedral(grid, INVERSE[int(tid)])]
+
+
+def grid_key(grid: np.ndarray) -> bytes:
+    """An exact, hashable identity of a grid: its shape bytes then its cells (the reference
+    hashes the same bytes with SHA-256; the raw bytes also let the grid be rebuilt)."""
+    g = np.asarray(grid, dtype=np.uint8)
+    return bytes(g.shape) + g.tobytes()
+
+
+def grid_from_key(key: bytes) -> list[list[int]]:
+    h, w = key[0], key[1]
+    return np.frombuffer(key[2:], dtype=np.uint8).reshape(h, w).tolist()
