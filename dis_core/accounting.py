@@ -15,16 +15,22 @@ class StepCost:
     calls: int  # network calls per supervision step
     grad_calls: int  # of which with gradient
     flops_per_call: float  # forward FLOPs of one call, one example
+    q_forward: bool = False  # HRM's Q-continue target costs one more forward step in training
 
     @classmethod
-    def of(cls, backbone, seq_len: int) -> "StepCost":
+    def of(cls, backbone, seq_len: int, halting=None) -> "StepCost":
         calls, grad_calls = backbone.calls_per_step()
-        return cls(calls, grad_calls, float(backbone.flops_per_call(seq_len + backbone.prefix_len)))
+        q_forward = bool(getattr(halting, "uses_continue_loss", False))
+        return cls(calls, grad_calls, float(backbone.flops_per_call(seq_len + backbone.prefix_len)), q_forward)
+
+    @property
+    def train_calls(self) -> int:
+        return self.calls * (2 if self.q_forward else 1)
 
     @property
     def train_flops(self) -> float:
         """FLOPs of one training supervision step for one example (forward + backward)."""
-        return (self.calls + 2 * self.grad_calls) * self.flops_per_call
+        return (self.train_calls + 2 * self.grad_calls) * self.flops_per_call
 
     @property
     def eval_flops(self) -> float:
@@ -35,7 +41,7 @@ def per_example(cost: StepCost, train_steps: int, eval_steps: int) -> dict[str, 
     """The static figures `--dry-run` reports (train_steps is the maximum for halting schemes)."""
     return {
         "network_calls_per_step": cost.calls,
-        "network_calls_per_example_train": cost.calls * train_steps,
+        "network_calls_per_example_train": cost.train_calls * train_steps,
         "network_calls_per_example_eval": cost.calls * eval_steps,
         "flops_per_example_train": cost.train_flops * train_steps,
         "flops_per_example_eval": cost.eval_flops * eval_steps,
@@ -53,7 +59,7 @@ class Ledger:
     wall_time_s: float = 0.0
 
     def add_step(self, cost: StepCost, slots: int, fresh: int) -> None:
-        self.network_calls += cost.calls * slots
+        self.network_calls += cost.train_calls * slots
         self.flops += cost.train_flops * slots
         self.examples += fresh
         self.optimizer_steps += 1

@@ -33,13 +33,13 @@ class SupervisedStep(nn.Module):
     """backbone + loss. Returns the per-rank mean loss, so DeepSpeed's gradient averaging over
     ranks gives the global per-example mean the reference gets from SUM(loss / global_batch)."""
 
-    def __init__(self, backbone: nn.Module, halting, *, loss: str, n_sup: int, step_weights: str):
+    def __init__(self, backbone: nn.Module, halting, *, loss: str, n_sup: int, step_weights: str, step_input: str):
         super().__init__()
         self.backbone = backbone
         self.halting = halting  # plain object, not a submodule
-        self.loss_kind, self.n_sup, self.step_weights = loss, n_sup, step_weights
+        self.loss_kind, self.n_sup, self.step_weights, self.step_input = loss, n_sup, step_weights, step_input
 
-    def forward(self, y, z, tokens, step, targets, labels, puzzle_emb=None):
+    def forward(self, y, z, tokens, step, targets, labels, inputs, puzzle_emb=None):
         dtype = next(self.backbone.parameters()).dtype
         if puzzle_emb is not None:
             puzzle_emb = puzzle_emb.to(dtype)
@@ -50,6 +50,13 @@ class SupervisedStep(nn.Module):
             with torch.no_grad():
                 correct = sequence_correct(logits, labels).to(torch.float32)
             total = total + self.halting.loss(q, correct)
+            if getattr(self.halting, "uses_continue_loss", False):
+                # HRM's Q-continue target: one more no-grad forward from the new state, on the
+                # input the next step would get (the reference's extra inner forward).
+                with torch.no_grad():
+                    nxt = logits.argmax(-1) if self.step_input == "prediction" else inputs
+                    _, _, next_q = self.backbone((y.detach(), z.detach()), nxt, step + 1, puzzle_emb)
+                total = total + self.halting.continue_loss(q, next_q.float(), step >= self.halting.max_steps)
         return total.mean(), y, z, logits, q, ce.detach()
 
 

@@ -11,6 +11,7 @@ batch runs its n_sup steps and is replaced whole; with `act` halted slots are re
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -46,6 +47,14 @@ def lr_at(t: int, base: float, warmup: int, total: int, decay: str, min_ratio: f
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
 
 
+def params_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -53,7 +62,7 @@ def count_params(module: torch.nn.Module) -> int:
 def static_figures(comp: Components) -> dict:
     """What `--dry-run` reports: sizes and per-example compute."""
     spec = comp.task.spec
-    cost = StepCost.of(comp.backbone, spec.seq_len)
+    cost = StepCost.of(comp.backbone, spec.seq_len, comp.halting)
     eval_steps = comp.halting.max_steps
     figures = {"params": count_params(comp.backbone), **per_example(cost, comp.halting.max_steps, eval_steps)}
     ndim = getattr(comp.backbone, "puzzle_emb_ndim", 0)
@@ -80,10 +89,11 @@ class Trainer:
         self.spec = self.comp.task.spec
         self.train_set = self.comp.task.dataset("train")
         self.test_set = self.comp.task.dataset("test")
-        self.cost = StepCost.of(self.comp.backbone, self.spec.seq_len)
+        self.cost = StepCost.of(self.comp.backbone, self.spec.seq_len, self.comp.halting)
 
         self.model = SupervisedStep(
-            self.comp.backbone, self.comp.halting, loss=self.sup.loss, n_sup=self.sup.n_sup, step_weights=self.sup.step_weights
+            self.comp.backbone, self.comp.halting, loss=self.sup.loss, n_sup=self.sup.n_sup,
+            step_weights=self.sup.step_weights, step_input=self.sup.step_input,
         )
         optimizer = self.comp.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -154,7 +164,11 @@ class Trainer:
             shared["ema"] = self.ema.state_dict()
         if self.puzzle_emb is not None:
             shared["puzzle_emb"] = self.puzzle_emb.state_dict()
-        mine = {"carry": self.carry.state_dict(), "stream": self.stream.state_dict(), "generator": self.generator.get_state()}
+        mine = {
+            "carry": self.carry.state_dict(), "stream": self.stream.state_dict(), "generator": self.generator.get_state(),
+            # Lets anyone check that data-parallel ranks hold identical weights (tests do).
+            "params_sha256": params_digest(self.engine.module),
+        }
         return checkpoint.save(self.engine, self.run.checkpoints, self.step, shared, mine)
 
     def write_run_info(self, registry) -> None:
@@ -214,7 +228,7 @@ class Trainer:
         targets = c.targets.gather(1, frame).squeeze(1)  # (B, L)
         emb = self.puzzle_emb(c.batch["puzzle_ids"]) if self.puzzle_emb is not None else None
 
-        loss, y, z, logits, q, ce = self.engine(c.y, c.z, c.tokens, step_idx, targets, c.batch["labels"], emb)
+        loss, y, z, logits, q, ce = self.engine(c.y, c.z, c.tokens, step_idx, targets, c.batch["labels"], c.batch["inputs"], emb)
         self.engine.backward(loss)
         self.engine.step()
         if self.puzzle_emb is not None:

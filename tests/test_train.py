@@ -1,0 +1,104 @@
+"""Tiny CPU training runs: outputs, learning signal, resume equality, crash-safe checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dis_core import checkpoint
+from dis_core.recipe import load_recipe
+from dis_core.trainer import Trainer, lr_at
+
+from conftest import tiny_recipe
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in rows if r["split"] == "train"]
+
+
+def _train(tmp_path, registry, out, overrides=(), **fit_kw):
+    resolved = load_recipe(tiny_recipe(tmp_path), registry, list(overrides))
+    trainer = Trainer(resolved, registry, out, data_dir=tmp_path / "data", resume=fit_kw.pop("resume", False))
+    return trainer, trainer.fit(registry, **fit_kw)
+
+
+def test_run_writes_everything(tmp_path, registry):
+    out = tmp_path / "run"
+    trainer, summary = _train(tmp_path, registry, out, ["train.eval_interval=3"])
+    for name in ("recipe.toml", "run.json", "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "run.json").read_text())
+    assert info["versions"]["torch"] == torch.__version__.split("+")[0] or info["versions"]["torch"].startswith(torch.__version__[:4])
+    assert {"kind": "backbone", "name": "trm"}.items() <= next(p for p in info["plugins"] if p["name"] == "trm").items()
+    assert info["params"] == summary["params"] > 0
+    rep = info["targets_report"]
+    assert rep["monotone_share"] == 1.0 and rep["hamming@1"] >= rep["hamming@3"] == 0.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert "nqueens/valid_solution_rate" in evals[-1] and "exact/hamming@3" in evals[-1]
+    assert summary["nqueens/count"] == 12  # every test example evaluated once
+    # fixed halting: 8 slots x 3 calls per step x 6 steps; fresh examples every 3 steps
+    assert summary["cost/network_calls"] == 8 * 3 * 6 and summary["cost/examples"] == 16
+    assert checkpoint.find_latest(out / "checkpoints", 1) == "step_6"
+
+
+def test_loss_goes_down(tmp_path, registry):
+    _, _ = _train(tmp_path, registry, tmp_path / "run", ["train.steps=60", "train.optimizer.config.lr=3e-3"])
+    losses = [l for _, l in _losses(tmp_path / "run")]
+    assert sum(losses[-6:]) / 6 < 0.7 * sum(losses[:6]) / 6
+
+
+def test_seed_fixes_the_run(tmp_path, registry):
+    _train(tmp_path, registry, tmp_path / "a")
+    _train(tmp_path, registry, tmp_path / "b")
+    _train(tmp_path, registry, tmp_path / "c", ["train.seed=1"])
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert _losses(tmp_path / "a") != _losses(tmp_path / "c")
+
+
+@pytest.mark.parametrize("halting", ["fixed", "act"])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, registry, halting):
+    extra = ["train.checkpoint_interval=4", "train.steps=10", f"halting.name={halting}"]
+    if halting == "act":
+        extra += ["targets.name=final"]
+    _train(tmp_path, registry, tmp_path / "full", extra)
+    # A run killed after step 6: its last checkpoint is step 4.
+    _train(tmp_path, registry, tmp_path / "killed", extra, stop_after=6)
+    assert checkpoint.find_latest(tmp_path / "killed" / "checkpoints", 1) == "step_4"
+    trainer, _ = _train(tmp_path, registry, tmp_path / "killed", extra, resume=True)
+    assert trainer.resumed_from == "step_4"
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+
+
+def test_interrupted_checkpoint_write_is_ignored(tmp_path, registry):
+    out = tmp_path / "run"
+    _train(tmp_path, registry, out, ["train.checkpoint_interval=3"])
+    ckpts = out / "checkpoints"
+    # A write killed half-way: a temp dir without rank files, and a step dir missing its rank file.
+    (ckpts / ".tmp-step_9").mkdir()
+    shutil.copytree(ckpts / "step_6", ckpts / "step_8")
+    (ckpts / "step_8" / "dis_rank0.pt").unlink()
+    assert checkpoint.find_latest(ckpts, 1) == "step_6"
+    (ckpts / "latest").unlink()  # even the pointer lost: fall back to the newest complete step
+    assert checkpoint.find_latest(ckpts, 1) == "step_6"
+
+
+def test_lr_schedule_matches_reference():
+    assert lr_at(1, 1.0, 2000, 10_000, "constant", 1.0) == pytest.approx(1 / 2000)
+    assert lr_at(2000, 1.0, 2000, 10_000, "constant", 1.0) == 1.0
+    assert lr_at(10_000, 1.0, 0, 10_000, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_at(5_000, 1.0, 0, 10_000, "cosine", 0.0) == pytest.approx(0.5)
+
+
+def test_step_weights_and_step_input_options(tmp_path, registry):
+    _train(tmp_path, registry, tmp_path / "a")
+    _train(tmp_path, registry, tmp_path / "b", ["supervision.step_weights=linear"])
+    _train(tmp_path, registry, tmp_path / "c", ["supervision.step_input=question"])
+    a, b, c = (_losses(tmp_path / n) for n in "abc")
+    assert a[0][1] != b[0][1]  # step 1 has weight 2/(N+1) != 1
+    assert a[0] == c[0] and a[1] != c[1]  # same first step, different input afterwards
