@@ -54,7 +54,7 @@ class Ledger:
 
     network_calls: float = 0.0
     flops: float = 0.0
-    examples: int = 0  # fresh examples loaded into slots (not "epochs x dataset size")
+    examples: int = 0  # fresh examples this rank loaded into slots (not "epochs x dataset size")
     optimizer_steps: int = 0
     wall_time_s: float = 0.0
 

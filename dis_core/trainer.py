@@ -146,6 +146,7 @@ class Trainer:
         shared, mine = checkpoint.load(self.engine, self.run.checkpoints, tag)
         self.step = shared["step"]
         self.ledger = Ledger(**shared["ledger"])
+        self.ledger.examples = mine["examples"]
         if self.ema is not None:
             self.ema.load_state_dict(shared["ema"])
         if self.puzzle_emb is not None:
@@ -166,6 +167,7 @@ class Trainer:
             shared["puzzle_emb"] = self.puzzle_emb.state_dict()
         mine = {
             "carry": self.carry.state_dict(), "stream": self.stream.state_dict(), "generator": self.generator.get_state(),
+            "examples": self.ledger.examples,
             # Lets anyone check that data-parallel ranks hold identical weights (tests do).
             "params_sha256": params_digest(self.engine.module),
         }
@@ -253,7 +255,7 @@ class Trainer:
                 torch.tensor(float(len(done))),
                 (acc * done).sum(), (exact * done).sum(), (c.steps.float() * done).sum(), done.sum().float(),
             ])
-        self.ledger.add_step(self.cost, slots=self.train_cfg.global_batch_size, fresh=fresh * self.world)
+        self.ledger.add_step(self.cost, slots=self.train_cfg.global_batch_size, fresh=fresh)
         return {"_stats": stats, "lr": lr}
 
     def _reduce_train(self, acc: torch.Tensor, lr: float) -> dict[str, float]:
@@ -350,7 +352,7 @@ class Trainer:
                 self.ledger.wall_time_s = time.perf_counter() - start_time
                 if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
                     metrics = self._reduce_train(acc, out["lr"])
-                    self.run.log(self.step, "train", metrics | self.ledger.as_metrics())
+                    self.run.log(self.step, "train", metrics | self._cost())
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
                     acc.zero_()
                 bar.update(1)
@@ -366,13 +368,21 @@ class Trainer:
         self._log_eval(final)
         if last_ckpt != self.step:
             self.save_checkpoint()
-        summary = {"step": self.step, **final, **self.ledger.as_metrics(), "params": count_params(self.comp.backbone)}
+        summary = {"step": self.step, **final, **self._cost(), "params": count_params(self.comp.backbone)}
         self.run.write_json("summary.json", summary)
         return summary
 
+    def _cost(self) -> dict[str, float]:
+        """The ledger with examples summed over ranks (each rank counts the slots it refilled).
+        A collective: every rank calls it at the same points."""
+        out = self.ledger.as_metrics()
+        out["cost/examples"] = int(dist.all_reduce_sum(torch.tensor([self.ledger.examples], dtype=torch.float64)).item())
+        return out
+
     def _log_eval(self, metrics: dict) -> None:
+        cost = self._cost()
         if metrics and self.rank == 0:
-            self.run.log(self.step, "eval", metrics | self.ledger.as_metrics())
+            self.run.log(self.step, "eval", metrics | cost)
             shown = {k: round(v, 4) for k, v in metrics.items() if "@" not in k}
             log.info("eval", step=self.step, **shown)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _train_losses(run: Path) -> list[float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["train/loss"] for r in rows if r["split"] == "train"]
@@ -29,7 +36,8 @@ def test_two_processes_match_one(tmp_path):
     # of it each must compute the same loss (reveal_path draws its paths per rank).
     recipe = tiny_recipe(tmp_path, targets="final", steps=6, extra="\n[halting]\nname = \"fixed\"\n")
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    two = _launch([str(deepspeed), "--num_gpus", "2", "--module", "dis_core.cli", "run", str(recipe), "--out", str(tmp_path / "two")], tmp_path)
+    # A free port: the launcher's default 29500 may be taken by another run on the machine.
+    two = _launch([str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dis_core.cli", "run", str(recipe), "--out", str(tmp_path / "two")], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     one = _launch([sys.executable, "-m", "dis_core.cli", "run", str(recipe), "--out", str(tmp_path / "one")], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -102,3 +102,13 @@ def test_step_weights_and_step_input_options(tmp_path, registry):
     a, b, c = (_losses(tmp_path / n) for n in "abc")
     assert a[0][1] != b[0][1]  # step 1 has weight 2/(N+1) != 1
     assert a[0] == c[0] and a[1] != c[1]  # same first step, different input afterwards
+
+
+def test_act_with_continue_loss_counts_the_extra_forward(tmp_path, registry):
+    common = ["targets.name=final", "halting.name=act", "train.steps=4"]
+    _, plain = _train(tmp_path, registry, tmp_path / "plain", common)
+    _, cont = _train(tmp_path, registry, tmp_path / "cont", common + ["halting.config.continue_loss=true"])
+    # every slot runs a step each optimizer step; the Q-continue target doubles the forward calls
+    assert plain["cost/network_calls"] == 8 * 3 * 4
+    assert cont["cost/network_calls"] == 2 * plain["cost/network_calls"]
+    assert _losses(tmp_path / "plain")[0] != _losses(tmp_path / "cont")[0]

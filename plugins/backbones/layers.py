@@ -78,11 +78,15 @@ class SwiGLU(nn.Module):
     def __init__(self, hidden: int, expansion: float):
         super().__init__()
         self.inner = swiglu_size(hidden, expansion)
-        self.gate_up = Linear(hidden, 2 * self.inner)  # one matmul for gate and up
+        self.gate_up = Linear(hidden, 2 * self.inner)  # rows [0, I) gate, [I, 2I) up (reference layout)
         self.down = Linear(self.inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., I) each
+        # Two matmuls on row blocks of the one weight rather than one matmul and a chunk: the
+        # halves come out contiguous, which makes the elementwise ops several times faster on
+        # CPU and spares the backward a concatenation (same FLOPs).
+        w = self.gate_up.weight
+        gate, up = F.linear(x, w[: self.inner]), F.linear(x, w[self.inner :])  # (..., I) each
         return self.down(F.silu(gate) * up)
 
 
@@ -122,19 +126,18 @@ class Attention(nn.Module):
     def __init__(self, hidden: int, num_heads: int):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, hidden // num_heads
-        self.qkv = Linear(hidden, 3 * hidden)  # output laid out as (3, H, d_h)
+        self.qkv = Linear(hidden, 3 * hidden)  # rows: q, k, v blocks, each (H, d_h) (reference layout)
         self.out = Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, S, D = x.shape
-        qkv = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim)
+        shape = (B, S, self.num_heads, self.head_dim)
+        # One matmul per row block of the fused weight: contiguous q, k, v without the slice
+        # copies and zero-filled gradients that splitting one (B, S, 3D) output costs on CPU.
+        w = self.qkv.weight
+        q, k, v = (F.linear(x, w[i * D : (i + 1) * D]).view(shape) for i in range(3))  # (B, S, H, d_h)
         if rotary is not None:
-            # Rotate q and k together (one pass over (B, S, 2, H, d_h)); v is untouched.
-            qk = apply_rotary(qkv[:, :, :2], rotary[0][:, None], rotary[1][:, None])
-            q, k = qk.unbind(2)
-        else:
-            q, k = qkv[:, :, 0], qkv[:, :, 1]
-        v = qkv[:, :, 2]
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         # SDPA wants (B, H, S, d_h); the transposes are views.
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
