@@ -5,7 +5,8 @@ Defaults are the N-Queens-sized setting (D 128, 2 layers, 4 heads, S 64, B 64, T
 fp32, 2 threads), whose budget is ~600 ms/step (the official TRM code on the 2-core machine).
 Prints the median over --steps steps after --warmup steps, examples x steps per second and the
 achieved GFLOP/s, counting a step as (calls + 2 * grad_calls) * flops_per_call(S) * B.
-Other processes may share the CPU: compare runs made back to back, or use --repeat.
+Other processes may share the CPU: the line also gives the CPU time per step (all threads)
+and the load average; compare runs made back to back, or use --repeat.
 
     .venv/bin/python benchmarks/bench_backbone.py
     .venv/bin/python benchmarks/bench_backbone.py --backbone hrm --hidden 64 --batch 16
@@ -14,6 +15,7 @@ Other processes may share the CPU: compare runs made back to back, or use --repe
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -38,7 +40,7 @@ def build(args):
     return build_hrm(HRMConfig(H_layers=args.layers, L_layers=args.layers, **common), ctx)
 
 
-def run(args) -> list[float]:
+def run(args) -> tuple[list[float], list[float]]:
     torch.manual_seed(0)
     model = build(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -47,9 +49,9 @@ def run(args) -> list[float]:
     labels = torch.randint(0, args.vocab, (B, args.seq))
     puzzle = torch.randn(B, args.puzzle_ndim) if args.puzzle_ndim else None
     state = model.initial_state(B)
-    times = []
+    times, cpu = [], []
     for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step = torch.full((B,), i % args.n_sup + 1)
         state, logits, q = model(state, tokens, step, puzzle)
         loss = per_sequence_ce(logits, labels).sum() / B
@@ -59,7 +61,8 @@ def run(args) -> list[float]:
         state = tuple(s.detach() for s in state)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    return times
+            cpu.append(time.process_time() - c0)
+    return times, cpu
 
 
 def main():
@@ -93,10 +96,12 @@ def main():
           f"T {args.T}, n {args.n}, {n_params:,} params, {calls} calls ({grad_calls} with grad), "
           f"{flops / 1e9:.1f} GFLOP/step, torch {torch.__version__}, {args.threads} threads")
     for r in range(args.repeat):
-        times = run(args)
+        times, cpu = run(args)
         med = statistics.median(times)
+        # CPU time (all threads) is steadier than wall time when other processes share the cores.
         print(f"[{r}] median {med * 1e3:.1f} ms/step (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}), "
-              f"{args.batch / med:.1f} examples x steps/s, {flops / med / 1e9:.1f} GFLOP/s")
+              f"{args.batch / med:.1f} examples x steps/s, {flops / med / 1e9:.1f} GFLOP/s; "
+              f"CPU {statistics.median(cpu) * 1e3:.1f} ms/step, load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

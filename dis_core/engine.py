@@ -41,6 +41,8 @@ def init_distributed(device: torch.device) -> None:
     sets the five launcher variables itself. On CPU, DeepSpeed's shared-memory collective op would
     be JIT-built on first use (~55 s per machine); plain gloo collectives are used instead.
     """
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's GPU probe and its warning
     import deepspeed
 
     if dist.is_available() and dist.is_initialized():

@@ -11,8 +11,9 @@ backward pass leaves the gradient there (B rows, not a table-sized gradient). `s
      numbers of rows), so every rank sees the same update;
   2. sums the gradients of duplicate ids;
   3. for those rows only: w <- w * (1 - lr * wd) - lr * sign(g)   (decoupled weight decay).
-All ranks apply the identical update, so the replicated tables stay identical (TRM's
-`CastedSparseEmbeddingSignSGD_Distributed`, reference_behaviour.md §3).
+Every rank computes the update from the same gathered data, and rank 0 broadcasts its new rows
+so that the replicated tables stay bit-identical (TRM's `CastedSparseEmbeddingSignSGD_Distributed`,
+reference_behaviour.md §3, minus its reliance on identical float summation order).
 """
 
 from __future__ import annotations
@@ -55,14 +56,19 @@ class PuzzleEmbedding(nn.Module):
             ids = torch.zeros(0, dtype=torch.long, device=device)
             grads = torch.zeros(0, self.dim, dtype=torch.float32, device=device)
         self._pending.clear()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
             ids, grads = _all_gather_rows(ids, grads)
         if ids.numel() == 0:
             return
-        rows, inverse = torch.unique(ids, return_inverse=True)
+        rows, inverse = torch.unique(ids, return_inverse=True)  # sorted, so the same on every rank
         summed = torch.zeros(len(rows), self.dim, dtype=torch.float32, device=device).index_add_(0, inverse, grads)  # (U, dim)
-        w = self.weights[rows]
-        self.weights[rows] = w * (1.0 - lr * weight_decay) - lr * torch.sign(summed)
+        new = self.weights[rows] * (1.0 - lr * weight_decay) - lr * torch.sign(summed)
+        if distributed:
+            # GPU index_add_ sums duplicates in a racy order; a sum near zero could then take a
+            # different sign on another rank. Rank 0's rows are authoritative (a few hundred KB).
+            dist.broadcast(new, src=0)
+        self.weights[rows] = new
 
     def memory_bytes(self) -> int:
         """Bytes held: the table plus the rows awaiting a step."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -45,9 +45,8 @@ def _distance(steps: np.ndarray, y: np.ndarray) -> np.ndarray:
 @attrs.frozen(kw_only=True)
 class PlanImportConfig:
     path: str  # JSONL file of plans; a relative path is taken from the current directory
-    split: str = attrs.field(default="train", validator=attrs.validators.in_(("train", "test")))
-    # records for the other split are skipped (and counted in the report)
-    on_missing: str = attrs.field(default="fallback", validator=attrs.validators.in_(("fallback", "error")))
+    split: Literal["train", "test"] = "train"  # records for the other split are skipped (and counted)
+    on_missing: Literal["fallback", "error"] = "fallback"  # what examples without a plan get
     fallback: str = "reveal_path"  # a generator of dis_plugins.targets for examples without a plan
     fallback_config: dict[str, Any] = attrs.field(factory=dict)  # its config table
 
@@ -73,7 +72,8 @@ class PlanImport:
         """(P, n_sup, L) int64 resampled plans, cached per n_sup."""
         if n_sup not in self._frames:
             stacked = [p[resample_index(len(p), n_sup)] for p in self.plans]
-            self._frames[n_sup] = torch.from_numpy(np.stack(stacked)) if stacked else torch.empty(0, n_sup, 0, dtype=torch.int64)
+            empty = torch.empty(0, n_sup, 0, dtype=torch.int64)
+            self._frames[n_sup] = torch.from_numpy(np.stack(stacked)) if stacked else empty
         return self._frames[n_sup]
 
     def __call__(self, batch, n_sup: int, generator: torch.Generator) -> torch.Tensor:
@@ -178,7 +178,8 @@ def load_plans(path: Path, task, spec, split: str):
     too_big = ids >= len(dataset)
     if too_big.any():
         i = int(np.argmax(too_big))
-        raise DataError(f"{records[i][2]}: example_id {ids[i]} is outside the {split} split (it has {len(dataset)} examples)")
+        raise DataError(f"{records[i][2]}: example_id {ids[i]} is outside the {split} split "
+                        f"(it has {len(dataset)} examples)")
     labels = np.asarray(dataset.get(ids)["labels"], dtype=np.int64)  # (P, L)
     plans = []
     for (eid, plan, where), y in zip(records, labels):

@@ -196,7 +196,8 @@ def test_shipped_subsets():
 # ------------------------------------------------------------------------------ reference layout
 
 
-def test_reference_layout_round_trip(dirs, tmp_path):
+def test_reference_layout_round_trip(dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr("dis_plugins.tasks.arc.reference_layout.CHUNK", 7)  # several chunks per split
     native = _task(dirs)
     counts = export_reference_layout(native, tmp_path / "ref", progress=False)
     assert counts == {"train": 5 * 16, "test": 20}
@@ -210,6 +211,8 @@ def test_reference_layout_round_trip(dirs, tmp_path):
     for split in ("train", "test"):
         a, b = _all(native.dataset(split)), _all(back.dataset(split))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), split
+    (tmp_path / "ref" / "test_puzzles.json").unlink()  # HRM writes none: tasks come from the test split
+    assert ArcTask(ArcConfig(reference_dir=str(tmp_path / "ref"))).test_puzzles == native.test_puzzles
 
 
 # ------------------------------------------------------------------------------ evaluator

@@ -28,22 +28,23 @@ def n_params(model):
 # --- parameter counts (reference_behaviour.md §2), built on the meta device: no memory, no init
 
 
+MEDIUM = dict(hidden_size=512, num_layers=2, num_heads=8)  # TRM's D 512, 2 layers
+ARC = dict(MEDIUM, puzzle_emb_ndim=512, puzzle_emb_len=16)
+COMPACT = dict(hidden_size=256, num_layers=1, num_heads=8, puzzle_emb_ndim=256, puzzle_emb_len=16)
+
+
 @pytest.mark.parametrize(
     "config, vocab, seq_len, n_sup, expected",
     [
-        # TRM-Att ARC (= TRM-medium)
-        (TRMConfig(hidden_size=512, num_layers=2, num_heads=8, puzzle_emb_ndim=512, puzzle_emb_len=16), 12, 900, 16, 6_829_058),
-        # TRM-compact / DIS-compact
-        (TRMConfig(hidden_size=256, num_layers=1, num_heads=8, puzzle_emb_ndim=256, puzzle_emb_len=16), 12, 900, 16, 858_626),
-        (TRMConfig(hidden_size=256, num_layers=1, num_heads=8, puzzle_emb_ndim=256, puzzle_emb_len=16, step_embedding=True), 12, 900, 6, 860_674),
-        # DIS-medium
-        (TRMConfig(hidden_size=512, num_layers=2, num_heads=8, puzzle_emb_ndim=512, puzzle_emb_len=16, step_embedding=True), 12, 900, 6, 6_833_154),
-        # N-Queens DIS / TRM
-        (TRMConfig(hidden_size=512, num_layers=2, num_heads=8, step_embedding=True), 3, 64, 8, 6_824_962),
-        (TRMConfig(hidden_size=512, num_layers=2, num_heads=8), 3, 64, 16, 6_819_842),
+        (TRMConfig(**ARC), 12, 900, 16, 6_829_058),  # TRM-Att ARC (= TRM-medium)
+        (TRMConfig(**COMPACT), 12, 900, 16, 858_626),  # TRM-compact
+        (TRMConfig(**COMPACT, step_embedding=True), 12, 900, 6, 860_674),  # DIS-compact
+        (TRMConfig(**ARC, step_embedding=True), 12, 900, 6, 6_833_154),  # DIS-medium
+        (TRMConfig(**MEDIUM, step_embedding=True), 3, 64, 8, 6_824_962),  # N-Queens DIS
+        (TRMConfig(**MEDIUM), 3, 64, 16, 6_819_842),  # N-Queens TRM
         # TRM-MLP Sudoku: S = 81 + 16 = 97, I(97) = 512
-        (TRMConfig(hidden_size=512, num_layers=2, num_heads=8, mlp_t=True, pos_encodings="none", puzzle_emb_ndim=512, puzzle_emb_len=16), 11, 81, 16, 5_028_866),
-        # HRM Sudoku: 4 + 4 blocks
+        (TRMConfig(**ARC, mlp_t=True, pos_encodings="none"), 11, 81, 16, 5_028_866),
+        # HRM Sudoku: 4 + 4 blocks, P = 1
         (HRMConfig(hidden_size=512, num_heads=8, H_layers=4, L_layers=4, puzzle_emb_ndim=512), 11, 81, 16, 27_275_266),
     ],
 )
@@ -59,8 +60,11 @@ def test_parameter_counts_match_reference(tmp_path, config, vocab, seq_len, n_su
 
 def test_learned_positions_add_s_times_d(tmp_path):
     with torch.device("meta"):
-        base = build_trm(TRMConfig(hidden_size=64, num_heads=2, pos_encodings="none", puzzle_emb_ndim=64, puzzle_emb_len=3), ctx_for(tmp_path, 5, 10))
-        learned = build_trm(TRMConfig(hidden_size=64, num_heads=2, pos_encodings="learned", puzzle_emb_ndim=64, puzzle_emb_len=3), ctx_for(tmp_path, 5, 10))
+        base, learned = (
+            build_trm(TRMConfig(hidden_size=64, num_heads=2, pos_encodings=pos, puzzle_emb_ndim=64, puzzle_emb_len=3),
+                      ctx_for(tmp_path, 5, 10))
+            for pos in ("none", "learned")
+        )
     assert n_params(learned) - n_params(base) == 13 * 64
 
 
@@ -320,6 +324,10 @@ def test_puzzle_prefix(tmp_path):
         a = model(state, tokens, step, torch.zeros(2, 40))[1]
         b = model(state, tokens, step, torch.randn(2, 40))[1]
     assert not torch.allclose(a, b)
+    # The trainer's sparse table learns from the gradient on the looked-up rows.
+    vec = torch.randn(2, 40, requires_grad=True)
+    model(state, tokens, step, vec)[1].square().sum().backward()
+    assert vec.grad is not None and vec.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="puzzle_emb has shape"):
         model(state, tokens, step, torch.zeros(2, 32))
 

@@ -163,7 +163,8 @@ def test_evaluator_on_hand_made_predictions(tmp_path):
     relabel[0] = torch.where(y[0] == 2, 3, torch.where(y[0] == 3, 2, y[0]))
     preds = torch.cat([y, broken, relabel])  # (3, L)
     batch3 = {k: v.repeat(3, *([1] * (v.dim() - 1))) for k, v in batch.items()}
-    ev.update(EvalRecord(batch=batch3, preds=preds[:, None, :].repeat(1, 2, 1), q_halt=torch.zeros(3), steps=torch.full((3,), 2)))
+    preds = preds[:, None, :].repeat(1, 2, 1)  # (3, N=2, L)
+    ev.update(EvalRecord(batch=batch3, preds=preds, q_halt=torch.zeros(3), steps=torch.full((3,), 2)))
     m = ev.compute([ev.state()], None)
     assert m["count"] == 3
     assert m["valid_solution_rate"] == pytest.approx(1 / 3)
@@ -189,3 +190,14 @@ def test_solver_trajectory_is_nested_and_ends_at_labels(tmp_path):
     first = torch.where(shown[:, 2], rank, torch.full_like(rank, -1)).max(1).values
     later = torch.where((x != y) & ~shown[:, 2], rank, torch.full_like(rank, 10**6)).min(1).values
     assert (first < later).all()
+
+
+def test_test_split_has_no_solve_order_but_trajectories_still_work(tmp_path):
+    task = _task(tmp_path, size=6, num_train=2, num_test=5)
+    batch = _tensors(task.dataset("test").get(np.arange(5)))
+    assert "solve_rank" not in batch
+    frames = task.solver_trajectory(batch, 3)  # solved on the spot
+    x, y = batch["inputs"], batch["labels"]
+    assert (frames[:, -1] == y).all()
+    shown = frames != x[:, None, :]
+    assert (shown[:, 1:] >= shown[:, :-1]).all() and (shown[:, 0].sum(1) == (x != y).sum(1) // 3).all()

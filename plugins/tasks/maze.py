@@ -111,14 +111,17 @@ def make_maze(rows, cols, rng, neighbours, min_path_length, loop_fraction, uniqu
     while True:
         is_open = _carve(rows, cols, rng, loop_fraction)
         cells = [i for i, o in enumerate(is_open) if o]
-        s = rng.choice(cells)
-        from_s = _bfs(is_open, neighbours, s)
-        far = [i for i in cells if from_s[i] >= max(min_path_length, 1)]
-        if not far:
-            continue
-        g = rng.choice(far)
-        from_g, length = _bfs(is_open, neighbours, g), from_s[g]
-        if unique_path and sum(1 for i in cells if from_s[i] + from_g[i] == length) != length + 1:
+        for _ in range(4):  # a few S/G draws per carved maze before carving another
+            s = rng.choice(cells)
+            from_s = _bfs(is_open, neighbours, s)
+            far = [i for i in cells if from_s[i] >= max(min_path_length, 1)]
+            if not far:
+                continue
+            g = rng.choice(far)
+            from_g, length = _bfs(is_open, neighbours, g), from_s[g]
+            if not unique_path or sum(1 for i in cells if from_s[i] + from_g[i] == length) == length + 1:
+                break
+        else:
             continue
         question = np.where(np.frombuffer(bytes(is_open), dtype=np.uint8) > 0, OPEN, WALL).astype(np.uint8)
         question[s], question[g] = START, GOAL

@@ -337,8 +337,11 @@ class SudokuConfig:
 
 
 class SudokuDataset:
-    def __init__(self, geo: Geometry, bank: dict, num_augmentations: int, seed: int):
+    def __init__(self, geo: Geometry, bank: dict, num_augmentations: int, seed: int, with_rank: bool):
         self.geo, self.bank, self.variants, self.seed = geo, bank, num_augmentations + 1, seed
+        # Solve orders feed solver_edits targets, which only training uses; the test split skips
+        # them, so a large imported test set is never solved cell by cell.
+        self.with_rank = with_rank
 
     def __len__(self) -> int:
         return len(self.bank["question"]) * self.variants
@@ -355,21 +358,25 @@ class SudokuDataset:
         base = indices // self.variants
         q = self.bank["question"][base].astype(np.int64)  # (K, L) digits, 0 blank
         s = self.bank["solution"][base].astype(np.int64)
-        r = self._ranks(base).astype(np.int64)
+        arrays = [(q, True), (s, True)]
+        if self.with_rank:
+            r = self._ranks(base).astype(np.int64)
+            arrays.append((r, False))
         moved = indices % self.variants > 0
         if moved.any():
             src, digit_map = augmentation(self.geo, self.seed, indices[moved])
-            for arr, relabel in ((q, True), (s, True), (r, False)):
+            for arr, relabel in arrays:
                 out = np.take_along_axis(arr[moved], src, axis=1)
                 arr[moved] = np.take_along_axis(digit_map, out, axis=1) if relabel else out
-        K = len(indices)
-        return {
+        batch = {
             "inputs": q + 1,
             "labels": s + 1,
-            "puzzle_ids": np.zeros(K, dtype=np.int64),
+            "puzzle_ids": np.zeros(len(indices), dtype=np.int64),
             "example_ids": indices,
-            "solve_rank": r,  # order in which the solver fixes each cell (-1 for givens)
         }
+        if self.with_rank:
+            batch["solve_rank"] = r  # (K, L) order in which the solver fixes each cell, -1 for givens
+        return batch
 
 
 class SudokuTask:
@@ -436,7 +443,7 @@ class SudokuTask:
     def dataset(self, split: str) -> SudokuDataset:
         if split not in self._datasets:
             variants = self.config.num_augmentations if split == "train" else 0
-            self._datasets[split] = SudokuDataset(self.geo, self.bank(split), variants, self.config.seed)
+            self._datasets[split] = SudokuDataset(self.geo, self.bank(split), variants, self.config.seed, split == "train")
         return self._datasets[split]
 
     def solver_trajectory(self, batch, n_sup: int) -> torch.Tensor:

@@ -13,13 +13,14 @@ chunks, so memory stays small. Reading memory-maps the example arrays and sample
 split as dis does natively (one pass = every puzzle of the largest group once, each group
 weighted per example), so an exported directory read back gives the same batches.
 
-CLI: python -m dis_plugins.tasks.arc.reference_layout OUT_DIR [--num-augmentations N] ...
+CLI: python -m dis_plugins.tasks.arc OUT_DIR [--num-augmentations N] [--train-subsets ...] ...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def _write_split(path: Path, corpus, puz, n_var, n_ex, first_pair, translate: bo
     while g0 < len(puz):
         g1 = max(g0 + 1, int(np.searchsorted(ends, start + CHUNK, side="right")))
         g = np.repeat(np.arange(g0, g1), per_group[g0:g1])  # every example of groups g0..g1-1, in order
-        local = np.arange(len(g)) - (ends[g] - per_group[g])
+        local = start + np.arange(len(g)) - (ends[g] - per_group[g])  # position within its group
         var, e = np.divmod(local, n_ex[g])
         x, y, *_ = corpus.render(puz[g], var, first_pair[g] + e, n_ex[g], translate)
         inputs[start : start + len(g)] = x
@@ -93,6 +94,17 @@ def export_reference_layout(task, out_dir: str | Path, progress: bool | None = N
     return counts
 
 
+_HRM_NAME = re.compile(r"^(.+)_(t[0-7])_(\d{10})$")
+
+
+def _split_name(name: str) -> list[str]:
+    """TRM's `<task>|||t<tid>|||<map>` or HRM's `<task>_t<tid>_<map>` (the latter unverified)."""
+    if SEPARATOR in name:
+        return name.split(SEPARATOR)
+    m = _HRM_NAME.match(name)
+    return list(m.groups()) if m else [name]
+
+
 class ReferenceLayout:
     """A reference-built directory, parsed once; `split(name)` serves it like the native splits."""
 
@@ -111,7 +123,7 @@ class ReferenceLayout:
         self.task_names: dict[str, int] = {}
         aug_ids, aug_tids, aug_maps = [], [], []
         for i, name in enumerate(names[1 : self.num_ids], start=1):
-            base, *aug = name.split(SEPARATOR)
+            base, *aug = _split_name(name)
             self.id_task[i] = self.task_names.setdefault(base, len(self.task_names))
             if aug:
                 if len(aug) != 2 or not aug[0][1:].isdigit() or len(aug[1]) != 10 or not aug[1].isdigit():
@@ -130,8 +142,8 @@ class ReferenceLayout:
         else:  # HRM writes none: take the test split's tasks in order of appearance
             ids = np.load(root / "test" / "all__puzzle_identifiers.npy")
             pidx = np.load(root / "test" / "all__puzzle_indices.npy")
-            order = list(dict.fromkeys(names[i].split(SEPARATOR)[0] for i in ids))
-            size = {names[i].split(SEPARATOR)[0]: int(pidx[k + 1] - pidx[k]) for k, i in enumerate(ids)}
+            order = list(dict.fromkeys(_split_name(names[i])[0] for i in ids))
+            size = {_split_name(names[i])[0]: int(pidx[k + 1] - pidx[k]) for k, i in enumerate(ids)}
             self.test_puzzles = [(n, size[n]) for n in order]
         self.test_puzzles = self.test_puzzles[:max_test_puzzles] if max_test_puzzles else self.test_puzzles
         by_name = {name: k for k, (name, _) in enumerate(self.test_puzzles)}
@@ -198,7 +210,7 @@ class ReferenceSplit:
 def main(argv: list[str] | None = None) -> int:
     from .task import ArcConfig, ArcTask
 
-    ap = argparse.ArgumentParser(prog="python -m dis_plugins.tasks.arc.reference_layout", description="Export ARC data in the TRM/HRM layout.")
+    ap = argparse.ArgumentParser(prog="python -m dis_plugins.tasks.arc", description="Export ARC data in the TRM/HRM layout.")
     ap.add_argument("out_dir")
     ap.add_argument("--train-subsets", nargs="+", default=list(ArcConfig().train_subsets))
     ap.add_argument("--test-subset", default=ArcConfig().test_subset)
@@ -213,7 +225,3 @@ def main(argv: list[str] | None = None) -> int:
     counts = export_reference_layout(ArcTask(cfg), a.out_dir)
     print(f"wrote {a.out_dir}: {counts['train']} train and {counts['test']} test examples")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Every hook, exercised through inline plugins (the llm pattern): registration lands in the
+registry under the hook's kind, recipes structure into the registered config class, factories
+get the BuildContext docs/hooks.md promises, factory errors surface as documented, and a
+component of each kind the other tests do not train with (halting, evaluator, optimizer,
+target generator) works in a tiny training run."""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+from types import SimpleNamespace
+
+import attrs
+import pytest
+import torch
+
+from dis_core import hookimpl, hookspecs
+from dis_core.build import build_components
+from dis_core.errors import CapabilityError, PluginError, UserError
+from dis_core.interfaces import IGNORE, TaskSpec
+from dis_core.plugins import load_registry
+from dis_core.recipe import load_recipe, resolve
+from dis_core.registry import KINDS
+from dis_core.trainer import Trainer
+
+from conftest import tiny_recipe
+
+
+@attrs.frozen(kw_only=True)
+class ProbeConfig:
+    width: int = 1
+
+
+class Probe:
+    """Implements all six hooks; each registers a component named `probe` whose factory records
+    (kind, config, ctx) and returns a stand-in good enough for `build_components`."""
+
+    def __init__(self, fail: dict | None = None):
+        self.calls: list[tuple[str, ProbeConfig, object]] = []
+        self.fail = fail or {}  # kind -> exception the factory raises
+
+    def _factory(self, kind, make):
+        def factory(config, ctx):
+            """Probe component."""
+            self.calls.append((kind, config, ctx))
+            if kind in self.fail:
+                raise self.fail[kind]
+            return make(ctx)
+
+        return factory
+
+    @hookimpl
+    def register_tasks(self, register):
+        register("probe", ProbeConfig, self._factory("task", lambda ctx: SimpleNamespace(spec=TaskSpec(vocab_size=3, seq_len=4))))
+
+    @hookimpl
+    def register_backbones(self, register):
+        register("probe", ProbeConfig, self._factory("backbone", lambda ctx: SimpleNamespace()))
+
+    @hookimpl
+    def register_target_generators(self, register):
+        register("probe", ProbeConfig, self._factory("target_generator", lambda ctx: SimpleNamespace(monotone=True)))
+
+    @hookimpl
+    def register_halting_strategies(self, register):
+        register("probe", ProbeConfig, self._factory("halting", lambda ctx: SimpleNamespace(max_steps=ctx.n_sup)))
+
+    @hookimpl
+    def register_evaluators(self, register):
+        register("probe", ProbeConfig, self._factory("evaluator", lambda ctx: SimpleNamespace()))
+
+    @hookimpl
+    def register_optimizers(self, register):
+        register("probe", ProbeConfig, self._factory("optimizer", lambda ctx: (lambda params: None)))
+
+
+def _probe_recipe(**widths) -> dict:
+    def spec(key):
+        return {"name": "probe", "config": {"width": widths.get(key, 1)}}
+
+    return {
+        "task": spec("task"), "backbone": spec("backbone"), "targets": spec("targets"), "halting": spec("halting"),
+        "evaluators": [spec("evaluator")], "supervision": {"n_sup": 4},
+        "train": {"seed": 7, "global_batch_size": 2, "steps": 1, "optimizer": spec("optimizer")},
+    }
+
+
+def test_hookspecs_and_registry_kinds_agree():
+    hooks = {n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, f"{hookspecs.PROJECT}_spec")}
+    assert hooks == set(KINDS)
+    for name in hooks:  # one parameter, named register, as docs/hooks.md states
+        assert list(inspect.signature(getattr(hookspecs, name)).parameters) == ["register"]
+
+
+def test_every_hook_registers_under_its_kind():
+    registry = load_registry(extra_plugins=(Probe(),), load_entry_points=False)
+    for hook, kind in KINDS.items():
+        entry = registry.get(kind, "probe")
+        assert (entry.kind, entry.config_cls, entry.doc) == (kind, ProbeConfig, "Probe component."), hook
+    assert {e.kind for e in registry.entries()} == set(KINDS.values())
+
+
+def test_factories_get_the_documented_build_context(tmp_path):
+    probe = Probe()
+    registry = load_registry(extra_plugins=(probe,), load_entry_points=False)
+    resolved = resolve(_probe_recipe(task=2, backbone=3, targets=4, halting=5, evaluator=6, optimizer=8), registry)
+    comp = build_components(resolved, registry, tmp_path)
+
+    kinds = [k for k, _, _ in probe.calls]
+    assert kinds == ["task", "backbone", "target_generator", "halting", "evaluator", "optimizer"]
+    assert [c.width for _, c, _ in probe.calls] == [2, 3, 4, 5, 6, 8]  # each config structured into ProbeConfig
+    task_ctx = probe.calls[0][2]
+    assert task_ctx.task is None and task_ctx.spec is None  # the task is built first
+    for _, _, ctx in probe.calls:
+        assert (ctx.seed, ctx.n_sup, ctx.data_dir) == (7, 4, tmp_path)
+    for _, _, ctx in probe.calls[1:]:
+        assert ctx.task is comp.task and ctx.spec is comp.task.spec
+    assert [ctx.component for _, _, ctx in probe.calls] == [
+        "$.task", "$.backbone", "$.targets", "$.halting", "$.evaluators.0", "$.train.optimizer"
+    ]
+    assert list(comp.evaluators) == ["probe"]
+
+
+def test_factory_errors_surface_as_documented(tmp_path):
+    data = _probe_recipe()
+    failing = Probe(fail={"backbone": ValueError("width must be even")})
+    registry = load_registry(extra_plugins=(failing,), load_entry_points=False)
+    with pytest.raises(UserError, match=r"mine\.toml: cannot build backbone 'probe' @ \$\.backbone: width must be even"):
+        build_components(resolve(data, registry, source="mine.toml"), registry, tmp_path)
+
+    refusing = Probe(fail={"evaluator": CapabilityError("evaluator probe needs a grid")})
+    registry = load_registry(extra_plugins=(refusing,), load_entry_points=False)
+    with pytest.raises(CapabilityError, match="^evaluator probe needs a grid$"):  # passed through unwrapped
+        build_components(resolve(data, registry), registry, tmp_path)
+
+
+def test_register_checks_its_arguments():
+    class BadName:
+        @hookimpl
+        def register_halting_strategies(self, register):
+            register("two words", ProbeConfig, lambda config, ctx: None)
+
+    class NotCallable:
+        @hookimpl
+        def register_optimizers(self, register):
+            register("sgd2", ProbeConfig, "not a factory")
+
+    with pytest.raises(PluginError, match="identifier-like"):
+        load_registry(extra_plugins=(BadName(),), load_entry_points=False)
+    with pytest.raises(PluginError, match="factory must be callable"):
+        load_registry(extra_plugins=(NotCallable(),), load_entry_points=False)
+
+
+# ------------------------------------------------------------------ a training run
+
+
+@attrs.frozen(kw_only=True)
+class NoOptions:
+    """No options."""
+
+
+@attrs.frozen(kw_only=True)
+class SGDConfig:
+    lr: float = 0.05
+
+
+class Components:
+    """Inline halting strategy, evaluator, optimizer and target generator that record how the
+    trainer drives them."""
+
+    def __init__(self):
+        self.halt_calls: list[tuple[bool, list[int]]] = []
+        self.target_calls: list[tuple[tuple, int, bool]] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.updates = 0
+
+    @hookimpl
+    def register_halting_strategies(self, register):
+        rec = self
+
+        class EveryN:
+            uses_q_head = False
+
+            def __init__(self, n):
+                self.max_steps = n
+
+            def halt(self, steps, q_logits, *, training, generator):
+                rec.halt_calls.append((training, steps.tolist()))
+                return steps >= self.max_steps
+
+            def loss(self, q_logits, seq_correct):
+                return torch.zeros(len(q_logits))
+
+        register("every_n", NoOptions, lambda config, ctx: EveryN(ctx.n_sup))
+
+    @hookimpl
+    def register_evaluators(self, register):
+        rec = self
+
+        class Count:
+            def reset(self):
+                self.n, self.steps = 0, 0
+
+            def update(self, record):
+                rec.updates += 1
+                assert record.preds.device.type == "cpu" and record.preds.dtype == torch.int64
+                self.n += len(record.steps)
+                self.steps += int(record.steps.sum())
+
+            def state(self):
+                return {"n": self.n, "steps": self.steps}
+
+            def compute(self, states, out_dir):
+                n = sum(s["n"] for s in states)
+                (out_dir / "count.txt").write_text(str(n))
+                return {"examples": n, "mean_steps": sum(s["steps"] for s in states) / max(n, 1)}
+
+        register("count", NoOptions, lambda config, ctx: Count())
+
+    @hookimpl
+    def register_optimizers(self, register):
+        def build(config, ctx):
+            def make(params):
+                opt = torch.optim.SGD(params, lr=config.lr)
+                self.optimizers.append(opt)
+                return opt
+
+            return make
+
+        register("plain_sgd", SGDConfig, build)
+
+    @hookimpl
+    def register_target_generators(self, register):
+        rec = self
+
+        class Final:
+            monotone = True
+
+            def __call__(self, batch, n_sup, generator):
+                rec.target_calls.append((tuple(batch["inputs"].shape), n_sup, isinstance(generator, torch.Generator)))
+                return batch["labels"][:, None, :].expand(-1, n_sup, -1).clone()
+
+        register("copy_labels", NoOptions, lambda config, ctx: Final())
+
+
+def test_inline_components_of_every_kind_train_and_evaluate(tmp_path):
+    rec = Components()
+    registry = load_registry(extra_plugins=(rec,))  # with the builtin task and backbone
+    overrides = ["halting.name=every_n", "evaluators.0.name=count", "evaluators.1.name=exact",
+                 "train.optimizer.name=plain_sgd", "targets.name=copy_labels", "train.steps=4"]
+    resolved = load_recipe(tiny_recipe(tmp_path), registry, overrides)
+    trainer = Trainer(resolved, registry, tmp_path / "run", data_dir=tmp_path / "data")
+    summary = trainer.fit(registry)
+
+    # halting: called after each of the 4 training steps, then in evaluation; n_sup = 3
+    train_calls = [steps for training, steps in rec.halt_calls if training]
+    assert [s[0] for s in train_calls] == [1, 2, 3, 1]
+    assert any(not training for training, _ in rec.halt_calls)
+    # evaluator: every test example once, named <evaluator>/<metric>, files under eval/step_N/<name>/
+    assert summary["count/examples"] == 12 and summary["count/mean_steps"] == 3
+    assert (tmp_path / "run" / "eval" / "step_4" / "count" / "count.txt").read_text() == "12"
+    assert "exact/accuracy" in summary and rec.updates >= 1
+    pickle.dumps(trainer.comp.evaluators["count"].state())
+    # optimizer: made once, on the backbone's trainable parameters, and its lr kept at the base
+    (opt,) = rec.optimizers
+    n_params = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_params == sum(p.numel() for p in trainer.comp.backbone.parameters() if p.requires_grad)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    # targets: once for the targets report (CPU sample), then at each refill (steps 1 and 4)
+    assert [n for _, n, _ in rec.target_calls] == [3, 3, 3] and all(g for _, _, g in rec.target_calls)
+    assert [shape for shape, _, _ in rec.target_calls] == [(256, 25), (8, 25), (8, 25)]  # report sample: 256 of 360
+    labels = trainer.carry.batch["labels"]
+    assert (trainer.carry.targets[:, -1] == labels).all() and (labels != IGNORE).all()
