@@ -57,8 +57,9 @@ class ArcEvaluator:
         labels = b["labels"].numpy()
         labels = crop(np.where(labels == IGNORE, PAD, labels))
         conf = torch.sigmoid(record.q_halt.double()).tolist()
+        blank = (b["puzzle_ids"] == 0).tolist()
         for r in range(len(task)):
-            if task[r] < 0 or int(b["puzzle_ids"][r]) == 0:  # blank rows (padding) carry no vote
+            if task[r] < 0 or blank[r]:  # padding rows carry no vote
                 continue
             key = (task[r], pair[r])
             if key not in self.truth:
