@@ -79,7 +79,7 @@ def cmd_run(args) -> int:
         return _dry_run(args, registry, resolved)
     from dis_core import logs
     from dis_core.rundir import default_out, latest_run
-    from dis_core.trainer import Trainer
+    from dis_core.trainer import Trainer, _per_step
 
     rank = int(os.environ.get("RANK", "0"))
     logs.configure(rank)
@@ -99,7 +99,7 @@ def cmd_run(args) -> int:
     trainer = Trainer(resolved, registry, out, data_dir=args.data_dir, resume=args.resume, command=" ".join(sys.argv))
     summary = trainer.fit(registry)
     if trainer.rank == 0:
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if "@" not in k}
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if not _per_step(k)}
         print(json.dumps(shown, indent=2))
         print(f"run directory: {out}", file=sys.stderr)
     return 0

@@ -6,6 +6,7 @@ below accept only values of the right TOML type: a typo or a quoted number is an
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ converter = make_converter()
 
 
 def _format(exc: BaseException, typ: type | None) -> str:
+    if typ is not None and typing.get_origin(typ) is typing.Literal:
+        choices = ", ".join(repr(c) for c in typing.get_args(typ))
+        return f"invalid value (expected one of {choices})"
     # Keep the validator's own words: cattrs' default summary drops them ("invalid value").
     if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, cattrs.ForbiddenExtraKeysError) and str(exc):
         return f"invalid value ({exc})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import sys
 
 import pluggy
 
@@ -24,16 +25,19 @@ def make_plugin_manager(*, load_entry_points: bool = True, extra_plugins: tuple 
     if load_entry_points:
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {pm.get_name(exc.plugin) or exc.plugin!r} is broken: {exc}") from exc
         except (ImportError, AttributeError) as exc:
             raise PluginError(f"a plugin in entry-point group {ENTRY_POINT_GROUP!r} failed to load: {exc}") from exc
-    for plugin in extra_plugins:
-        pm.register(plugin)
     try:
+        for plugin in extra_plugins:
+            pm.register(plugin)
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r} is broken: {exc}") from exc
+        # e.g. a misspelled hook name, or a hook whose argument is not called `register`
+        raise PluginError(f"plugin {pm.get_name(exc.plugin) or exc.plugin!r} is broken: {exc}") from exc
     if os.environ.get("DIS_TRACE_HOOKS"):
-        pm.trace.root.setwriter(print)
+        pm.trace.root.setwriter(sys.stderr.write)  # stderr: keeps --json output clean
         pm.enable_tracing()
     return pm
 

@@ -174,10 +174,24 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise RecipeError(["not UTF-8 text"], source=str(path)) from None
 
 
+# Keys that replace each other: setting one (in a child recipe or with --set) clears the other,
+# since a recipe may hold only one of them and TOML has no null to clear the inherited one.
+EXCLUSIVE = {("train", "steps"): ("train", "epochs"), ("train", "epochs"): ("train", "steps")}
+
+
+def _clear_exclusive(data: dict, path: tuple[str, ...]) -> None:
+    other = EXCLUSIVE.get(path)
+    if other and isinstance(data.get(other[0]), dict):
+        data[other[0]].pop(other[1], None)
+
+
 def merge(base: dict, child: dict) -> dict:
     """Deep-merge `child` over `base`. A component whose `name` changes gets the child's
     `config` alone: keys of another component's config would not fit."""
     out = copy.deepcopy(base)
+    for (table, key), _ in EXCLUSIVE.items():
+        if isinstance(child.get(table), dict) and key in child[table]:
+            _clear_exclusive(out, (table, key))
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             old = out[key]
@@ -228,6 +242,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
+        _clear_exclusive(data, tuple(parts))
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):

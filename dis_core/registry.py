@@ -78,7 +78,10 @@ class Registry:
                     doc = (getattr(factory, "__doc__", None) or "").strip().splitlines()
                     reg.add(Entry(_kind, name, config_cls, factory, _label, _version, doc[0] if doc else ""))
 
-                impl.function(register=register)
+                # Call this one plugin's hook through pluggy (so DIS_TRACE_HOOKS sees it), with a
+                # `register` that knows which plugin is registering.
+                others = [p for p in pm.get_plugins() if p is not impl.plugin]
+                pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
         return reg
 
 

@@ -72,6 +72,13 @@ def static_figures(comp: Components) -> dict:
     return figures
 
 
+def _per_step(key: str) -> bool:
+    """Per-step series such as `exact/hamming@3` stay in metrics.jsonl, off the console;
+    `pass@K` is a headline metric, not a step."""
+    name, at, step = key.rpartition("/")[2].partition("@")
+    return bool(at) and step.isdigit() and name != "pass"
+
+
 class Trainer:
     def __init__(self, resolved: ResolvedRecipe, registry, out: Path, *, data_dir: Path | None = None, resume: bool = False, command: str = ""):
         self.resolved, self.recipe = resolved, resolved.recipe
@@ -199,6 +206,11 @@ class Trainer:
         }
         self.run.write_json("run.json", info)
         log.info("targets", **{k: round(v, 3) for k, v in self.targets_report.items()})
+        if getattr(self.comp.targets, "monotone", False) and self.targets_report["monotone_share"] < 1.0:
+            log.warning(
+                "target generator declares monotone paths, but some move away from y*",
+                generator=self.recipe.targets.name, monotone_share=self.targets_report["monotone_share"],
+            )
 
     # ------------------------------------------------------------------ training
 
@@ -214,17 +226,18 @@ class Trainer:
         return k
 
     def _set_lr(self) -> float:
+        """Write this step's learning rates; returns the schedule's scale (1.0 after warm-up)."""
         s = self.train_cfg.schedule
         scale = lr_at(self.step, 1.0, s.warmup_steps, self.total_steps, s.decay, s.min_lr_ratio)
         for group, base in zip(self.engine.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * scale
-        return self.base_lrs[0] * scale
+        return scale
 
     def train_step(self) -> dict[str, float]:
         fresh = self._refill()
         c = self.carry
         self.step += 1
-        lr = self._set_lr()
+        scale = self._set_lr()
         step_idx = c.steps + 1  # (B,) 1-based index of the step each slot is about to run
         frame = (step_idx.clamp(max=self.sup.n_sup) - 1).view(-1, 1, 1).expand(-1, 1, c.targets.shape[-1])
         targets = c.targets.gather(1, frame).squeeze(1)  # (B, L)
@@ -234,7 +247,7 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         if self.puzzle_emb is not None:
-            self.puzzle_emb.step(self.train_cfg.puzzle_emb_lr * lr / self.base_lrs[0], self.train_cfg.puzzle_emb_weight_decay)
+            self.puzzle_emb.step(self.train_cfg.puzzle_emb_lr * scale, self.train_cfg.puzzle_emb_weight_decay)
         if self.ema is not None:
             self.ema.update()
 
@@ -256,7 +269,7 @@ class Trainer:
                 (acc * done).sum(), (exact * done).sum(), (c.steps.float() * done).sum(), done.sum().float(),
             ])
         self.ledger.add_step(self.cost, slots=self.train_cfg.global_batch_size, fresh=fresh)
-        return {"_stats": stats, "lr": lr}
+        return {"_stats": stats, "lr": self.base_lrs[0] * scale}
 
     def _reduce_train(self, acc: torch.Tensor, lr: float) -> dict[str, float]:
         acc = dist.all_reduce_sum(acc.clone())
@@ -383,6 +396,6 @@ class Trainer:
         cost = self._cost()
         if metrics and self.rank == 0:
             self.run.log(self.step, "eval", metrics | cost)
-            shown = {k: round(v, 4) for k, v in metrics.items() if "@" not in k}
+            shown = {k: round(v, 4) for k, v in metrics.items() if not _per_step(k)}
             log.info("eval", step=self.step, **shown)
 

@@ -47,8 +47,29 @@ def tiny_recipe(tmp_path: Path, *, targets: str = "reveal_path", steps: int = 6,
     return path
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child `dis` process. In-process trainers leave the launcher's
+    variables (RANK, MASTER_PORT, ...) set; a child must not inherit them, or it would join
+    this process's (finished) process group on the same port."""
+    from dis_core.engine import LAUNCHER_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
 @pytest.fixture
 def registry():
     from dis_core.plugins import load_registry
 
     return load_registry()
+
+
+def pip_install_target(pkg: Path, target: Path) -> None:
+    """Install an example plugin package into `target` (not the venv): tests put it on PYTHONPATH."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(pkg)],
+        check=True, capture_output=True, timeout=300,
+    )

@@ -11,11 +11,11 @@ import pytest
 
 from dis_core.cli import main
 
-from conftest import ROOT, tiny_recipe
+from conftest import ROOT, subprocess_env, tiny_recipe
 
 
 def _cli(args, cwd=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     return subprocess.run([sys.executable, "-m", "dis_core.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 

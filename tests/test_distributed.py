@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, tiny_recipe
+from conftest import ROOT, subprocess_env, tiny_recipe
 
 
 def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(PYTHONPATH=str(ROOT))
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

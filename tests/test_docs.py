@@ -27,7 +27,7 @@ import pytest
 from dis_core import hookspecs
 from dis_core.recipe import ComponentSpec, Recipe, Schedule, Supervision, Train
 
-from conftest import ROOT
+from conftest import ROOT, pip_install_target, subprocess_env
 
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
@@ -163,24 +163,11 @@ def test_every_builtin_component_is_documented_with_its_config():
 # ---------------------------------------------------------------------------- 5: examples run
 
 
-def _subprocess_env(**extra) -> dict[str, str]:
-    from dis_core.engine import LAUNCHER_VARS
-
-    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}, "OMP_NUM_THREADS": "1", **extra}
-
-
-def _pip_install_target(pkg: Path, target: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(pkg)],
-        check=True, capture_output=True, timeout=300,
-    )
-
-
 def test_task_tutorial_package_installs_and_its_recipe_runs(tmp_path):
     pkg = EXAMPLES / "dis-task-parity"
     site = tmp_path / "site"
-    _pip_install_target(pkg, site)
-    env = _subprocess_env(PYTHONPATH=str(site))
+    pip_install_target(pkg, site)
+    env = subprocess_env(PYTHONPATH=str(site))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dis_core.cli", "run", str(pkg / "parity_quick.toml"), "--out", str(out),
            "--set", "train.steps=3", "--set", "train.eval_limit=64", "--set", "train.threads=1"]

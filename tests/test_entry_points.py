@@ -9,23 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, tiny_recipe
+from conftest import ROOT, pip_install_target, subprocess_env, tiny_recipe
 
 EXAMPLE = ROOT / "docs" / "examples" / "dis-row-sweep"
 
 
-def _pip_install_target(pkg: Path, target: Path) -> None:
-    # --target keeps the test's venv untouched; --no-deps: dis itself is already installed.
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(pkg)],
-        check=True, capture_output=True, timeout=300,
-    )
-
-
 def test_installed_plugin_is_discovered_and_runs(tmp_path):
     site = tmp_path / "site"
-    _pip_install_target(EXAMPLE, site)
-    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    pip_install_target(EXAMPLE, site)
+    env = subprocess_env(PYTHONPATH=str(site))
     listing = subprocess.run([sys.executable, "-m", "dis_core.cli", "plugins", "--json"], capture_output=True, text=True, env=env, check=True)
     rows = json.loads(listing.stdout)
     row = next(r for r in rows if r["name"] == "row_sweep")
@@ -41,7 +33,7 @@ def test_installed_plugin_is_discovered_and_runs(tmp_path):
     assert report["monotone_share"] == 1.0 and report["final_distance"] == 0.0
 
     # Without the package on the path, the same recipe is refused with the list of names.
-    bare = subprocess.run([sys.executable, "-m", "dis_core.cli", "run", str(recipe), "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    bare = subprocess.run([sys.executable, "-m", "dis_core.cli", "run", str(recipe), "--dry-run"], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env())
     assert bare.returncode == 2 and "unknown target_generator 'row_sweep'" in bare.stderr and "reveal_path" in bare.stderr
 
 

@@ -123,3 +123,19 @@ def test_every_shipped_recipe_resolves(path: Path, registry):
     assert text.lstrip().startswith("#"), "recipes open with a comment: purpose and launch command"
     assert "dis-run" in text or "deepspeed" in text
     assert resolved.to_dict()["task"]["name"]
+
+
+def test_steps_and_epochs_replace_each_other(tmp_path, registry):
+    path = tiny_recipe(tmp_path)
+    resolved = load_recipe(path, registry, ["train.epochs=2.5"])
+    assert resolved.recipe.train.epochs == 2.5 and resolved.recipe.train.steps is None
+    back = load_recipe(path, registry, ["train.epochs=2.5", "train.steps=4"])
+    assert back.recipe.train.steps == 4 and back.recipe.train.epochs is None
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "tiny.toml"\n[train]\nepochs = 1.0\n')
+    assert load_recipe(child, registry).recipe.train.steps is None
+
+
+def test_choice_error_lists_the_choices(tmp_path, registry):
+    with pytest.raises(RecipeError, match=r"expected one of 'uniform', 'linear'\) @ \$.supervision.step_weights"):
+        load_recipe(tiny_recipe(tmp_path), registry, ["supervision.step_weights=lin"])

@@ -87,3 +87,20 @@ def test_each_manager_is_fresh():
     a.register(extra)
     assert ("target_generator", "echo") in Registry.collect(a)
     assert ("target_generator", "echo") not in Registry.collect(b)
+
+
+def test_hook_with_wrong_argument_name_is_a_plugin_error():
+    class WrongArg:
+        @hookimpl
+        def register_tasks(self, reg):  # pluggy matches arguments by name: must be `register`
+            pass
+
+    with pytest.raises(PluginError, match="reg"):
+        make_plugin_manager(load_entry_points=False, extra_plugins=(WrongArg(),))
+
+
+def test_trace_hooks_goes_to_stderr(monkeypatch, capsys):
+    monkeypatch.setenv("DIS_TRACE_HOOKS", "1")
+    load_registry(extra_plugins=(_TargetsPlugin(),), load_entry_points=False)
+    captured = capsys.readouterr()
+    assert "register_target_generators" in captured.err and captured.out == ""
