@@ -27,10 +27,8 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
 
 
 def bench(resolved, registry, *, steps: int = 20, warmup: int = 3) -> str:
-    from dis_core import logs
     from dis_core.trainer import Trainer
 
-    logs.configure(0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(resolved, registry, Path(tmp) / "bench")
         peak = matmul_peak_gflops()

@@ -77,12 +77,9 @@ def cmd_run(args) -> int:
     registry, resolved = _load(args)
     if args.dry_run:
         return _dry_run(args, registry, resolved)
-    from dis_core import logs
     from dis_core.rundir import default_out, latest_run
     from dis_core.trainer import Trainer, _per_step
 
-    rank = int(os.environ.get("RANK", "0"))
-    logs.configure(rank)
     out = args.out
     if args.resume and out is None:
         out = latest_run(args.recipe)
@@ -167,6 +164,10 @@ COMMANDS = {"run": cmd_run, "plugins": cmd_plugins, "bench": cmd_bench, "compare
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    from dis_core import logs
+
+    # Once, by the application: to stderr (stdout stays clean for --json), quiet on ranks > 0.
+    logs.configure(int(os.environ.get("RANK", "0")))
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

@@ -93,3 +93,10 @@ def test_dis_run_end_to_end_and_refuses_to_overwrite(tmp_path):
 def test_dis_run_console_script_exists():
     scripts = os.path.dirname(sys.executable)
     assert os.path.exists(os.path.join(scripts, "dis-run")) and os.path.exists(os.path.join(scripts, "dis"))
+
+
+def test_dry_run_json_stdout_is_pure_json(tmp_path):
+    # Log lines (task preparation, warnings) go to stderr, so stdout parses as one JSON object.
+    res = _cli(["run", str(tiny_recipe(tmp_path)), "--dry-run", "--json"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["params"] > 0
