@@ -285,8 +285,10 @@ def compare(run_dirs: list[str | Path], metric: str | None = None, out: str | Pa
 
     md_path = Path(out) if out is not None else Path("compare.md")
     png_path = md_path.with_suffix(".png")
-    if not md_path.parent.is_dir():
-        raise UserError(f"--out {md_path}: the directory {md_path.parent} does not exist")
+    try:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {md_path}: cannot create {md_path.parent}: {exc.strerror}") from None
     parts = ["# dis compare", "", "Runs: " + ", ".join(f"`{r.path}`" for r in runs), "", render_markdown(headers, rows)]
     written = [md_path]
     if chosen:

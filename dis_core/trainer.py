@@ -189,6 +189,7 @@ class Trainer:
         info = {
             "name": self.run.path.name,
             "recipe_source": self.resolved.source,
+            "recipe": self.resolved.to_dict(),
             "command": self.command,
             "versions": installed_versions(),
             "plugins": [

@@ -97,3 +97,21 @@ def test_bad_run_directories(tmp_path):
     (bad / "metrics.jsonl").write_text('{"step": 1}\n[1]\n{"step": 2}\n')
     with pytest.raises(UserError, match="line 2 is not a JSON object"):
         load_run(bad)
+
+
+def test_compare_two_real_tiny_runs(tmp_path, registry):
+    """A DIS run and its TRM twin (final targets, ACT halting), trained for real, then compared."""
+    from dis_core.recipe import load_recipe
+    from dis_core.trainer import Trainer
+
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, steps=4)
+    for name, sets in [("dis", []), ("trm", ["targets.name=final", "halting.name=act", "backbone.config.step_embedding=false"])]:
+        resolved = load_recipe(recipe, registry, sets)
+        Trainer(resolved, registry, tmp_path / name, data_dir=tmp_path / "data").fit(registry)
+    text = compare([tmp_path / "dis", tmp_path / "trm"], out=tmp_path / "cmp" / "table.md")
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "reveal_path" in table and "act" in table and "nqueens/valid_solution_rate" in table
+    assert (tmp_path / "cmp" / "table.png").stat().st_size > 1000
+    assert "dis" in text and "trm" in text
