@@ -178,6 +178,8 @@ class Trainer:
             # Lets anyone check that data-parallel ranks hold identical weights (tests do).
             "params_sha256": params_digest(self.engine.module),
         }
+        if self.puzzle_emb is not None:
+            mine["puzzle_emb_sha256"] = params_digest(self.puzzle_emb)
         return checkpoint.save(self.engine, self.run.checkpoints, self.step, shared, mine)
 
     def write_run_info(self, registry) -> None:

@@ -55,3 +55,41 @@ def test_two_processes_match_one(tmp_path):
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s1["exact/count"] == s2["exact/count"] == 12  # the test split is split across ranks, not duplicated
     assert s1["exact/accuracy"] == pytest.approx(s2["exact/accuracy"], abs=1e-4)
+
+
+ARC_TINY = """
+[task]
+name = "arc"
+config = { train_subsets = ["conceptarc"], test_subset = "arc1/evaluation", num_augmentations = 2, max_train_puzzles_per_subset = 3, max_test_puzzles = 2, eval_variants = 1 }
+[backbone]
+name = "trm"
+config = { hidden_size = 32, num_layers = 1, num_heads = 2, expansion = 2.0, step_embedding = true, puzzle_emb_ndim = 32, puzzle_emb_len = 1 }
+[targets]
+name = "reveal_path"
+[supervision]
+n_sup = 2
+[[evaluators]]
+name = "arc"
+[train]
+global_batch_size = 4
+steps = 4
+log_interval = 1
+threads = 1
+puzzle_emb_lr = 0.1
+"""
+
+
+def test_two_processes_keep_puzzle_tables_identical(tmp_path):
+    recipe = tmp_path / "arc_tiny.toml"
+    recipe.write_text("# tiny ARC run for the 2-process test\n" + ARC_TINY)
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    two = _launch([str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dis_core.cli", "run",
+                   str(recipe), "--out", str(tmp_path / "two")], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ckpt = tmp_path / "two" / "checkpoints" / "step_4"
+    states = [torch.load(ckpt / f"dis_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert states[0]["puzzle_emb_sha256"] == states[1]["puzzle_emb_sha256"]
+    assert states[0]["params_sha256"] == states[1]["params_sha256"]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert "arc/pass@2" in summary
+    assert (tmp_path / "two" / "eval" / "step_4" / "arc" / "submission.json").is_file()
