@@ -26,11 +26,11 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def bench(resolved, registry, *, steps: int = 20, warmup: int = 3) -> str:
+def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Path = Path("data")) -> str:
     from dis_core.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(resolved, registry, Path(tmp) / "bench")
+        trainer = Trainer(resolved, registry, Path(tmp) / "bench", data_dir=data_dir)
         peak = matmul_peak_gflops()
         for _ in range(warmup):
             trainer.train_step()

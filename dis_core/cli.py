@@ -42,6 +42,7 @@ def make_parser() -> argparse.ArgumentParser:
     _run_args(bench)
     bench.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
 
     cmp_ = sub.add_parser("compare", help="compare finished runs: metrics against cost, table and plot")
     cmp_.add_argument("runs", nargs="+", type=Path)
@@ -148,7 +149,7 @@ def cmd_bench(args) -> int:
     from dis_core.bench import bench
 
     registry, resolved = _load(args)
-    print(bench(resolved, registry, steps=args.steps, warmup=args.warmup))
+    print(bench(resolved, registry, steps=args.steps, warmup=args.warmup, data_dir=args.data_dir))
     return 0
 
 

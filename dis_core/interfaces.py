@@ -10,7 +10,9 @@ A *batch* is a `dict[str, torch.Tensor]` with at least:
   "puzzle_ids"   (B,)   int64   row of the puzzle-embedding table; 0 is the blank identifier
   "example_ids"  (B,)   int64   index of the example in its split (stable, used to key plans/votes)
 Tasks may add keys of their own (any tensor whose first dimension is B); the trainer carries
-them along untouched.
+them along untouched. A Dataset may return token arrays in any integer dtype (uint8 keeps ARC
+batches small); `dis_core.data.to_torch` widens every integer array narrower than 64 bits to int64,
+so components always see int64.
 """
 
 from __future__ import annotations

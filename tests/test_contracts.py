@@ -103,8 +103,8 @@ def ctx_for(task, data_dir: Path, component: str, n_sup: int = N_SUP) -> BuildCo
 
 
 def pick(size: int, k: int = 8) -> np.ndarray:
-    """Up to k distinct indices spread over [0, size), last first: never sorted, as the trainer's
-    shuffled stream never is."""
+    """Up to k distinct indices spread over [0, size), in descending order: the trainer asks in
+    shuffled order, so a split must not assume ascending indices."""
     return np.unique(np.linspace(0, size - 1, min(k, size)).round().astype(np.int64))[::-1].copy()
 
 
@@ -139,7 +139,9 @@ def test_every_kind_has_a_contract():
 
 # ------------------------------------------------------------------------------ tasks
 
-INT_KINDS = (np.uint8, np.int8, np.int16, np.int32, np.int64)  # what the trainer widens to int64
+# Integer dtypes dis_core.data.to_torch widens to int64 (the arc task serves uint8 inputs);
+# anything else (uint16, floats) would reach the model unconverted.
+INT_KINDS = (np.uint8, np.int8, np.int16, np.int32, np.int64)
 
 
 @pytest.mark.parametrize("name", names("task"))
