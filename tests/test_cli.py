@@ -100,3 +100,9 @@ def test_dry_run_json_stdout_is_pure_json(tmp_path):
     res = _cli(["run", str(tiny_recipe(tmp_path)), "--dry-run", "--json"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["params"] > 0
+
+
+def test_bench_prints_throughput_figures(tmp_path):
+    res = _cli(["bench", str(tiny_recipe(tmp_path)), "--steps", "2", "--warmup", "1", "--data-dir", str(tmp_path / "data")], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "examples x steps / s" in res.stdout and "GFLOP/s" in res.stdout and "of the measured fp32 matmul peak" in res.stdout
