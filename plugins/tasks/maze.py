@@ -19,8 +19,6 @@ shortest path is accepted, a longer one is not. Exact accuracy compares with the
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import random
 import time
 from collections import deque
@@ -34,6 +32,7 @@ import torch
 from dis_core import hookimpl
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
+from dis_plugins.tasks.bank_cache import cached_bank, split_seed
 from dis_plugins.solver_edits import ranked_reveal
 
 log = structlog.get_logger()
@@ -302,22 +301,16 @@ class MazeTask:
         key = [_CACHE_VERSION, split, c.rows, c.cols, count, c.seed, c.min_path_length, c.loop_fraction, c.unique_path]
         if exclude:
             key.append(c.num_train)
-        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-        cache = self.data_dir / "maze" / f"{split}-{c.rows}x{c.cols}-{digest}.npz"
-        if c.cache and cache.is_file():
-            with np.load(cache) as z:
-                return {k: z[k] for k in z.files}
-        seed = int(np.random.SeedSequence([c.seed, 0 if split == "train" else 1]).generate_state(1)[0])
-        bank, rate = generate_bank(c.rows, c.cols, count, seed, c.min_path_length, c.loop_fraction, c.unique_path, exclude)
-        n = bank["length"]
-        log.info("generated mazes", split=split, count=count, per_second=round(rate, 1),
-                 path_mean=float(n.mean()), path_min=int(n.min()), path_max=int(n.max()))
-        if c.cache:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.stem + f".{time.time_ns()}.tmp.npz")
-            np.savez(tmp, **bank)
-            tmp.replace(cache)
-        return bank
+
+        def make() -> dict:
+            bank, rate = generate_bank(c.rows, c.cols, count, split_seed(c.seed, split), c.min_path_length,
+                                       c.loop_fraction, c.unique_path, exclude)
+            n = bank["length"]
+            log.info("generated mazes", split=split, count=count, per_second=round(rate, 1),
+                     path_mean=float(n.mean()), path_min=int(n.min()), path_max=int(n.max()))
+            return bank
+
+        return cached_bank(self.data_dir, "maze", split, f"{c.rows}x{c.cols}", key, make, enabled=c.cache)
 
     def dataset(self, split: str) -> MazeDataset:
         if split not in self._datasets:

@@ -15,8 +15,6 @@ puzzle (variant 0 unchanged), each a pure function of its index.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import random
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from dis_core import hookimpl
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
+from dis_plugins.tasks.bank_cache import cached_bank, split_seed
 from dis_plugins.solver_edits import ranked_reveal
 
 log = structlog.get_logger()
@@ -422,23 +421,16 @@ class SudokuTask:
         key = [_CACHE_VERSION, split, self.geo.box_rows, self.geo.box_cols, count, c.seed, c.min_difficulty]
         if exclude:
             key.append(c.num_train)
-        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-        cache = self.data_dir / "sudoku" / f"{split}-{self.geo.n}x{self.geo.n}-{digest}.npz"
-        if c.cache and cache.is_file():
-            with np.load(cache) as z:
-                return {k: z[k] for k in z.files}
-        seed = int(np.random.SeedSequence([c.seed, 0 if split == "train" else 1]).generate_state(1)[0])
-        bank, rate = generate_bank(self.geo, count, seed, c.min_difficulty, exclude)
-        d = bank["difficulty"]
-        log.info("generated sudoku puzzles", split=split, count=count, per_second=round(rate, 1),
-                 clues_mean=float((bank["question"] > 0).sum(1).mean()), difficulty_mean=float(d.mean()),
-                 difficulty_max=int(d.max()))
-        if c.cache:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.stem + f".{time.time_ns()}.tmp.npz")
-            np.savez(tmp, **bank)
-            tmp.replace(cache)  # atomic, so ranks building the same set at once do not collide
-        return bank
+
+        def make() -> dict:
+            bank, rate = generate_bank(self.geo, count, split_seed(c.seed, split), c.min_difficulty, exclude)
+            d = bank["difficulty"]
+            log.info("generated sudoku puzzles", split=split, count=count, per_second=round(rate, 1),
+                     clues_mean=float((bank["question"] > 0).sum(1).mean()), difficulty_mean=float(d.mean()),
+                     difficulty_max=int(d.max()))
+            return bank
+
+        return cached_bank(self.data_dir, "sudoku", split, f"{self.geo.n}x{self.geo.n}", key, make, enabled=c.cache)
 
     def dataset(self, split: str) -> SudokuDataset:
         if split not in self._datasets:
