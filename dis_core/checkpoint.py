@@ -25,7 +25,8 @@ def _complete(path: Path, world: int) -> bool:
     return path.is_dir() and all((path / RANK_FILE.format(rank=r)).exists() for r in range(world))
 
 
-def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict) -> Path:
+def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict, extra: dict | None = None) -> Path:
+    """`extra`: {file name: object} that rank 0 saves beside (e.g. the EMA weights to evaluate)."""
     rank, world = dist_engine.rank(), dist_engine.world_size()
     tmp_tag, tag = f".tmp-step_{step}", f"step_{step}"
     if rank == 0 and (root / tmp_tag).exists():
@@ -33,6 +34,9 @@ def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict)
     dist_engine.barrier()
     ds_engine.save_checkpoint(str(root), tag=tmp_tag, client_state=shared_state, save_latest=False)
     torch.save(rank_state, root / tmp_tag / RANK_FILE.format(rank=rank))
+    if rank == 0:
+        for name, obj in (extra or {}).items():
+            torch.save(obj, root / tmp_tag / name)
     dist_engine.barrier()
     if rank == 0:
         if (root / tag).exists():

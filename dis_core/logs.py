@@ -7,6 +7,7 @@ only, and never draw progress bars.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -34,8 +35,11 @@ def configure(rank: int = 0, json: bool = False) -> None:
     _configured = True
 
 
-def progress(total: int | None, desc: str, *, rank: int = 0, unit: str = "it", initial: int = 0):
-    """A bar with rate and ETA on rank 0; a silent stand-in elsewhere."""
+def progress(total: int | None, desc: str, *, rank: int | None = None, unit: str = "it", initial: int = 0):
+    """A bar with rate and ETA on rank 0; a silent stand-in elsewhere (plugins may call this
+    without knowing their rank: it is read from the launcher's RANK)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
     return tqdm(
         total=total,
         desc=desc,

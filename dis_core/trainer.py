@@ -180,7 +180,10 @@ class Trainer:
         }
         if self.puzzle_emb is not None:
             mine["puzzle_emb_sha256"] = params_digest(self.puzzle_emb)
-        return checkpoint.save(self.engine, self.run.checkpoints, self.step, shared, mine)
+        # With EMA on, the weights to evaluate are the EMA ones (the reference saves only those);
+        # the live weights stay in the DeepSpeed files so that training can resume.
+        extra = {"ema_weights.pt": self.ema.model_state_dict(self.engine.module)} if self.ema is not None else None
+        return checkpoint.save(self.engine, self.run.checkpoints, self.step, shared, mine, extra)
 
     def write_run_info(self, registry) -> None:
         self.run.create()

@@ -112,3 +112,11 @@ def test_act_with_continue_loss_counts_the_extra_forward(tmp_path, registry):
     assert plain["cost/network_calls"] == 8 * 3 * 4
     assert cont["cost/network_calls"] == 2 * plain["cost/network_calls"]
     assert _losses(tmp_path / "plain")[0] != _losses(tmp_path / "cont")[0]
+
+
+def test_ema_weights_are_saved_and_used_for_evaluation(tmp_path, registry):
+    trainer, _ = _train(tmp_path, registry, tmp_path / "ema", ["train.ema=0.9", "train.steps=4"])
+    saved = torch.load(tmp_path / "ema" / "checkpoints" / "step_4" / "ema_weights.pt", weights_only=False)
+    live = trainer.engine.module.state_dict()
+    name = next(k for k in saved if k.endswith("lm_head.weight"))
+    assert saved[name].shape == live[name].shape and not torch.equal(saved[name], live[name])

@@ -32,6 +32,7 @@ import torch
 from dis_core import hookimpl
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
+from dis_core.logs import progress
 from dis_plugins.tasks.bank_cache import cached_bank, split_seed
 from dis_plugins.solver_edits import ranked_reveal
 
@@ -136,6 +137,7 @@ def generate_bank(rows, cols, count, seed, min_path_length, loop_fraction, uniqu
     rng, neighbours = random.Random(seed), _neighbours(rows, cols)
     questions, labels, lengths, seen = [], [], [], set(exclude)
     started = time.time()
+    bar = progress(count, f"mazes {rows}x{cols}", unit="maze")
     while len(questions) < count:
         q, a, n = make_maze(rows, cols, rng, neighbours, min_path_length, loop_fraction, unique_path)
         if bytes(q) not in seen:
@@ -143,6 +145,8 @@ def generate_bank(rows, cols, count, seed, min_path_length, loop_fraction, uniqu
             questions.append(q)
             labels.append(a)
             lengths.append(n)
+            bar.update(1)
+    bar.close()
     rate = count / max(time.time() - started, 1e-9)
     bank = {"question": np.array(questions, dtype=np.uint8).reshape(count, rows * cols),
             "label": np.array(labels, dtype=np.uint8).reshape(count, rows * cols),

@@ -27,6 +27,7 @@ import torch
 from dis_core import hookimpl
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
+from dis_core.logs import progress
 from dis_plugins.tasks.bank_cache import cached_bank, split_seed
 from dis_plugins.solver_edits import ranked_reveal
 
@@ -190,7 +191,8 @@ def _rank_of(order: list[int], cells: int) -> np.ndarray:
 
 def generate_bank(geo: Geometry, count: int, seed: int, min_difficulty: int, exclude: set[bytes]) -> dict:
     rng = random.Random(seed)
-    rows, seen, attempts, started, last_log = [], set(exclude), 0, time.time(), time.time()
+    rows, seen, attempts, started = [], set(exclude), 0, time.time()
+    bar = progress(count, f"sudoku {geo.n}x{geo.n} puzzles", unit="puzzle")
     while len(rows) < count:
         attempts += 1
         q, s, difficulty, order = make_puzzle(geo, rng)
@@ -198,14 +200,13 @@ def generate_bank(geo: Geometry, count: int, seed: int, min_difficulty: int, exc
         if difficulty >= min_difficulty and key not in seen:
             seen.add(key)
             rows.append((q, s, difficulty, _rank_of(order, geo.cells)))
+            bar.update(1)
         if (attempts >= 5000 and not rows) or attempts > 200 * count + 5000:
             raise UserError(
                 f"task sudoku: only {len(rows)} of {count} distinct {geo.n}x{geo.n} puzzles with "
                 f"difficulty >= {min_difficulty} after {attempts} attempts; lower min_difficulty or the count"
             )
-        if time.time() - last_log > 30:
-            last_log = time.time()
-            log.info("generating sudoku", done=len(rows), of=count, attempts=attempts)
+    bar.close()
     rate = len(rows) / max(time.time() - started, 1e-9)
     return {
         "question": np.array([r[0] for r in rows], dtype=np.uint8).reshape(count, geo.cells),
