@@ -27,7 +27,9 @@ def configure(rank: int = 0, json: bool = False) -> None:
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Look sys.stderr up at each use rather than binding today's object: a caller (a test
+        # harness, a notebook) may swap it later.
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
     # DeepSpeed logs through `logging`; keep its chatter out of the user's way.
