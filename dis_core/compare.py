@@ -47,8 +47,14 @@ class Run:
         return node
 
     def metrics(self) -> list[str]:
-        """Names of the final metrics (`<evaluator>/<metric>`), in the order the run wrote them."""
-        return [k for k, v in self.final.items() if _is_metric(k) and _is_number(v)]
+        """Names of the final metrics (`<evaluator>/<metric>`), per-step series in step order."""
+        return sorted((k for k, v in self.final.items() if _is_metric(k) and _is_number(v)), key=_metric_order)
+
+
+def _metric_order(key: str) -> tuple:
+    # `hamming@9` before `hamming@10`: compare the step as a number, not as text.
+    name, at, step = key.partition("@")
+    return (name, int(step) if step.isdigit() else -1, step)
 
 
 def _is_number(value: Any) -> bool:
