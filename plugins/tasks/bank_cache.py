@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from dis_core.errors import UserError
+
 Bank = dict[str, np.ndarray]
 
 
@@ -32,6 +34,15 @@ def cached_bank(data_dir: Path, task: str, split: str, tag: str, key: list, make
         np.savez(tmp, **bank)
         tmp.replace(path)
     return bank
+
+
+def memoised_split(banks: dict[str, Bank], task: str, split: str, load: Callable[[str], Bank]) -> Bank:
+    """`banks[split]`, loading it on first use; a split other than train/test is a user error."""
+    if split not in ("train", "test"):
+        raise UserError(f"task {task} has the splits 'train' and 'test', not {split!r}")
+    if split not in banks:
+        banks[split] = load(split)
+    return banks[split]
 
 
 def split_seed(seed: int, split: str) -> int:

@@ -33,7 +33,7 @@ from dis_core import hookimpl
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.logs import progress
-from dis_plugins.tasks.bank_cache import cached_bank, split_seed
+from dis_plugins.tasks.bank_cache import cached_bank, memoised_split, split_seed
 from dis_plugins.solver_edits import ranked_reveal
 
 log = structlog.get_logger()
@@ -287,11 +287,7 @@ class MazeTask:
         self._datasets: dict[str, MazeDataset] = {}
 
     def bank(self, split: str) -> dict:
-        if split not in ("train", "test"):
-            raise UserError(f"task maze has the splits 'train' and 'test', not {split!r}")
-        if split not in self._banks:
-            self._banks[split] = self._load(split)
-        return self._banks[split]
+        return memoised_split(self._banks, "maze", split, self._load)
 
     def _load(self, split: str) -> dict:
         c = self.config
