@@ -111,9 +111,10 @@ def deepspeed_config(user: dict, *, global_batch: int, world: int, precision: st
         "bf16": {"enabled": precision == "bf16"},
         # A client optimizer (AdamATan2, ...) under ZeRO needs this flag.
         "zero_allow_untested_optimizer": True,
+        # Always written: without the key DeepSpeed clips at norm 1.0. 0.0 = off (the reference
+        # code never clips).
+        "gradient_clipping": float(grad_clip),
     }
-    if grad_clip > 0:
-        cfg["gradient_clipping"] = grad_clip
     merged = copy.deepcopy(cfg)
     for key, value in user.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):

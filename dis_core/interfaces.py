@@ -120,6 +120,9 @@ class Backbone(Protocol):
 
     hidden_size: int
     prefix_len: int  # P: puzzle-embedding positions prepended to the L task positions
+    # The halting head (D -> 2). The trainer freezes it when the halting strategy does not use
+    # it, so that no optimizer touches a head that gets no gradient.
+    q_head: torch.nn.Module
 
     def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, z), each (B, S, D): the state a freshly filled slot starts from."""

@@ -102,6 +102,15 @@ class Trainer:
             self.comp.backbone, self.comp.halting, loss=self.sup.loss, n_sup=self.sup.n_sup,
             step_weights=self.sup.step_weights, step_input=self.sup.step_input,
         )
+        if not self.comp.halting.uses_q_head:
+            # No gradient ever reaches an unused Q-head, but DeepSpeed fills missing gradients
+            # with zeros, so AdamW would decay it towards 0; the reference leaves it untouched.
+            self.comp.backbone.q_head.requires_grad_(False)
+        if self.recipe.targets.name == "final" and self.sup.step_input == "prediction":
+            log.warning(
+                "final targets with step_input = 'prediction': official TRM and HRM feed the question "
+                "at every step; set supervision.step_input = 'question' for a TRM baseline"
+            )
         optimizer = self.comp.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         ds_config = dist.deepspeed_config(

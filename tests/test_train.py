@@ -120,3 +120,22 @@ def test_ema_weights_are_saved_and_used_for_evaluation(tmp_path, registry):
     live = trainer.engine.module.state_dict()
     name = next(k for k in saved if k.endswith("lm_head.weight"))
     assert saved[name].shape == live[name].shape and not torch.equal(saved[name], live[name])
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_gradient_clipping_is_what_the_recipe_says(tmp_path, registry, clip):
+    """DeepSpeed clips at 1.0 when the key is missing; the effective value must be the recipe's."""
+    resolved = load_recipe(tiny_recipe(tmp_path), registry, [f"train.grad_clip={clip}"])
+    trainer = Trainer(resolved, registry, tmp_path / "run", data_dir=tmp_path / "data")
+    assert trainer.engine.gradient_clipping() == clip
+
+
+def test_unused_q_head_is_left_untouched(tmp_path, registry):
+    """DIS (fixed halting) never trains the Q-head: weight decay must not pull it towards 0."""
+    trainer, _ = _train(tmp_path, registry, tmp_path / "run", ["train.optimizer.config.weight_decay=0.5"])
+    head = trainer.engine.module.backbone.q_head
+    assert torch.equal(head.bias.detach(), torch.full((2,), -5.0))
+    assert not any(p.requires_grad for p in head.parameters())
+    # ...while ACT trains it.
+    trainer, _ = _train(tmp_path, registry, tmp_path / "act", ["halting.name=act", "targets.name=final"])
+    assert not torch.equal(trainer.engine.module.backbone.q_head.bias.detach(), torch.full((2,), -5.0))

@@ -115,7 +115,10 @@ class Rotary(nn.Module):
 
     def cos_sin(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._cache:
-            inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
+            # 1 / theta^(2i/d_h), written as the reference writes it: theta^(-2i/d_h) rounds
+            # differently and leaves the logits 1 ULP apart.
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+            inv_freq = 1.0 / (self.theta**exponent)
             freqs = torch.outer(torch.arange(self.seq_len, dtype=torch.float32, device=device), inv_freq)  # (S, d_h/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (S, d_h)
             # (S, 1, d_h): broadcasts over heads in the (B, S, H, d_h) layout.
