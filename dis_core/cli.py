@@ -44,10 +44,17 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
 
+    from dis_core.compare import X_AXES  # stdlib and attrs only: cheap
+
     cmp_ = sub.add_parser("compare", help="compare finished runs: metrics against cost, table and plot")
     cmp_.add_argument("runs", nargs="+", type=Path)
-    cmp_.add_argument("--metric", default=None, help="metric to plot (default: a validity or exact-accuracy metric)")
-    cmp_.add_argument("--out", type=Path, default=None, help="Markdown table path; the PNG goes beside it")
+    cmp_.add_argument("--metric", default=None, help="metric to plot, listed first (default: the first evaluator's headline metric)")
+    cmp_.add_argument("--x", default="train_flops", choices=list(X_AXES),
+                      help="the plot's x axis: a training cost (default train_flops)")
+    cmp_.add_argument("--no-group", dest="group", action="store_false", help="one row per run instead of one per recipe (seeds pooled)")
+    cmp_.add_argument("--per-step", action="store_true", help="also show per-step metrics such as exact/hamming@3")
+    cmp_.add_argument("--out", type=Path, default=None, metavar="DIR",
+                      help="write DIR/compare.md and DIR/compare.png (created); without it, only the table is printed")
     return parser
 
 
@@ -156,7 +163,7 @@ def cmd_bench(args) -> int:
 def cmd_compare(args) -> int:
     from dis_core.compare import compare
 
-    print(compare(args.runs, metric=args.metric, out=args.out))
+    print(compare(args.runs, metric=args.metric, out=args.out, x=args.x, group=args.group, per_step=args.per_step))
     return 0
 
 

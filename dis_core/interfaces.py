@@ -167,7 +167,15 @@ class Evaluator(Protocol):
     `compute` runs on rank 0 only and returns metrics without the evaluator prefix
     (the trainer names them `<evaluator>/<metric>`). `out_dir` is where files such as
     `submission.json` go.
+
+    `headline` names the one metric that answers "how well does it solve the task" (without the
+    prefix, e.g. "valid_solution_rate", "pass@2"): the trainer records it in run.json
+    (`headline_metrics`) and `dis compare` plots the first evaluator's headline by default.
+    An evaluator without it still works; compare then falls back to a validity or exact-match
+    metric.
     """
+
+    headline: str
 
     def reset(self) -> None: ...
 

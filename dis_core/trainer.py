@@ -217,6 +217,7 @@ class Trainer:
             "train_examples": len(self.train_set),
             "test_examples": len(self.test_set),
             "targets_report": self.targets_report,
+            "headline_metrics": [f"{n}/{ev.headline}" for n, ev in self.comp.evaluators.items() if getattr(ev, "headline", None)],  # recipe order (a dict would be key-sorted)
             **static_figures(self.comp),
         }
         self.run.write_json("run.json", info)

@@ -67,6 +67,8 @@ class ExactEvaluator:
     `improving_steps` / `non_worsening_steps` the share of (example, step s >= 2) pairs whose
     distance to y* fell strictly / did not grow. Examples without supervised cells are skipped."""
 
+    headline = "exact_accuracy"
+
     def __init__(self):
         self.reset()
 
@@ -129,6 +131,8 @@ class NQueensEvaluator:
     exactly N queens, no two attacking, and keeps every given queen. `exact_accuracy` matches
     the one sampled label solution, which undercounts when several solutions exist.
     `valid@s` is the valid rate after step s."""
+
+    headline = "valid_solution_rate"
 
     def __init__(self, board_size: int):
         self.n = board_size

@@ -357,6 +357,8 @@ def valid_paths(inputs: torch.Tensor, preds: torch.Tensor, grid_shape: tuple[int
 
 
 class MazeEvaluator:
+    headline = "valid_path_rate"  # any shortest path counts; equals exact match when paths are unique
+
     def __init__(self, grid_shape: tuple[int, int]):
         self.grid_shape = grid_shape
         self.reset()

@@ -462,6 +462,8 @@ class SudokuEvalConfig:
 
 
 class SudokuEvaluator:
+    headline = "valid_solution_rate"
+
     def __init__(self, geo: Geometry):
         self.geo = geo
         self.reset()

@@ -39,6 +39,8 @@ class ArcEvaluator:
     """State: {(task, pair): {grid key: [votes, sum of confidences, first-seen order]}} plus the
     true output's key per pair; grid keys are shape bytes + cells, so grids rebuild from them."""
 
+    headline = "pass@2"  # two attempts per test pair, as Kaggle scores and the papers report
+
     def __init__(self, config: ArcEvalConfig, test_puzzles: list[tuple[str, int]] | None = None):
         self.config = config
         self.test_puzzles = test_puzzles  # (task id, number of test pairs) per `arc_task`, from the task
