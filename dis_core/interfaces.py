@@ -42,10 +42,35 @@ class TaskSpec:
     grid_shape: tuple[int, int] | None = None  # (rows, cols) when the sequence is a grid
 
 
+def _int64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class PuzzleGroups:
+    """A training split's puzzles and groups, for the group sampler (`train.sampler`), in the
+    CSR style of the reference's puzzle_indices/group_indices. A *puzzle* is a run of examples
+    that share a puzzle identifier (one augmented variant); a *group* is an original puzzle and
+    its variants. Puzzle p holds the dataset indices [puzzle_start[p], puzzle_start[p] +
+    puzzle_size[p]); group g holds the puzzles [group_offsets[g], group_offsets[g+1]). Indices
+    that no puzzle holds are never drawn by that sampler."""
+
+    puzzle_start: np.ndarray = attrs.field(converter=_int64)  # (P,) first dataset index of each puzzle
+    puzzle_size: np.ndarray = attrs.field(converter=_int64)  # (P,) examples of each puzzle, >= 1
+    group_offsets: np.ndarray = attrs.field(converter=_int64)  # (G + 1,) rising from 0 to P, each group >= 1 puzzle
+
+
 @runtime_checkable
 class Dataset(Protocol):
     """An indexable split. `get` is a pure function of the indices: the same indices always
-    give the same arrays, so on-the-fly augmentation is deterministic and resumable."""
+    give the same arrays, so on-the-fly augmentation is deterministic and resumable.
+
+    Optional: a training split whose examples come in puzzles and groups (an original puzzle and
+    its augmented variants) may also define `groups() -> PuzzleGroups | None`. Then
+    `train.sampler = "auto"` (the default) orders training like the reference TRM/DIS code:
+    per pass, every group once in a random order, each showing one random member puzzle with all
+    its examples together (dis_core.data.GroupStream). Without it, examples are shuffled singly.
+    """
 
     def __len__(self) -> int: ...
 

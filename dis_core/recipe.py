@@ -57,6 +57,10 @@ class Train:
     eval_batch_size: int | None = attrs.field(default=None, validator=_positive)  # default: global_batch_size
     eval_limit: int | None = attrs.field(default=None, validator=_positive)  # evaluate only the first K test examples
     log_interval: int = 10
+    # Training order: "groups" is the reference TRM/DIS one (per pass one random variant of each
+    # puzzle, its examples together), "examples" shuffles single examples; "auto" = groups when the
+    # task's training split declares them (ARC does), else examples. See dis_core/data.py.
+    sampler: Literal["auto", "examples", "groups"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 is slow there)
     threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
     grad_clip: float = 0.0  # 0 = off (the reference does not clip)

@@ -24,7 +24,7 @@ from dis_core import checkpoint
 from dis_core import engine as dist
 from dis_core.accounting import Ledger, StepCost, per_example
 from dis_core.build import Components, build_components
-from dis_core.data import ExampleStream, eval_chunks, fetch
+from dis_core.data import eval_chunks, fetch, make_stream
 from dis_core.diagnostics import sample_indices, target_report
 from dis_core.errors import UserError
 from dis_core.interfaces import EvalRecord
@@ -134,7 +134,7 @@ class Trainer:
             self.ema = EMA(self.engine.module, decay=self.train_cfg.ema)
 
         self.local_batch = self.train_cfg.global_batch_size // self.world
-        self.stream = ExampleStream(len(self.train_set), self.train_cfg.global_batch_size, self.rank, self.world, self.train_cfg.seed)
+        self.stream = make_stream(self.train_set, self.train_cfg.sampler, self.train_cfg.global_batch_size, self.rank, self.world, self.train_cfg.seed, self.recipe.task.name)
         self.generator = torch.Generator().manual_seed(self.train_cfg.seed * 1_000_003 + self.rank)
         self.carry = Carry.empty(self.engine.module.backbone, self.local_batch, self.spec.seq_len, self.sup.n_sup, self.device)
         self.ledger = Ledger()
@@ -215,6 +215,7 @@ class Trainer:
             "precision": self.precision,
             "total_steps": self.total_steps,
             "train_examples": len(self.train_set),
+            "sampler": self.stream.sampler,  # the training order train.sampler resolved to
             "test_examples": len(self.test_set),
             "targets_report": self.targets_report,
             "headline_metrics": [f"{n}/{ev.headline}" for n, ev in self.comp.evaluators.items() if getattr(ev, "headline", None)],  # recipe order (a dict would be key-sorted)

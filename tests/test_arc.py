@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, BuildContext, EvalRecord
@@ -218,11 +219,12 @@ def test_reference_layout_round_trip(dirs, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ evaluator
 
 
-def _evaluate(task, out_dir, predict, config=ArcEvalConfig()):
+def _evaluate(task, out_dir, predict, config=ArcEvalConfig(), limit=None):
     ev = build_arc_evaluator(config, BuildContext(seed=0, n_sup=2, data_dir=out_dir, task=task, spec=task.spec))
+    size = len(task.dataset("test")) if limit is None else limit  # what train.eval_limit does
     ds = task.dataset("test")
-    for start in range(0, len(ds), 7):
-        batch = {k: torch.from_numpy(v) for k, v in ds.get(np.arange(start, min(start + 7, len(ds)))).items()}
+    for start in range(0, size, 7):
+        batch = {k: torch.from_numpy(v) for k, v in ds.get(np.arange(start, min(start + 7, size))).items()}
         preds = predict(batch)
         ev.update(EvalRecord(batch=batch, preds=preds[:, None].repeat(1, 2, 1), q_halt=torch.zeros(len(preds)), steps=torch.full((len(preds),), 2)))
     return ev.compute([ev.state()], out_dir)
@@ -235,7 +237,7 @@ def _oracle(batch):
 def test_oracle_predictions_score_100_and_submission_layout(dirs, tmp_path):
     task = _task(dirs)
     metrics = _evaluate(task, tmp_path, _oracle)
-    assert metrics == {f"pass@{k}": 1.0 for k in (1, 2, 5, 10, 100, 1000)}
+    assert metrics == {f"pass@{k}": 1.0 for k in (1, 2, 5, 10, 100, 1000)} | {"tasks_evaluated": 2.0, "tasks_total": 2.0}
     sub = json.loads((tmp_path / "submission.json").read_text())
     test_dir = dirs[1]
     assert sorted(sub) == ["e1", "e2"]
@@ -264,6 +266,41 @@ def test_votes_rank_by_count_and_score_partial_or_all_or_nothing(dirs, tmp_path)
     assert sub["e1"][0]["attempt_1"] == [[0]]
     m = _evaluate(task, tmp_path, predict, ArcEvalConfig(all_or_nothing=True))
     assert m["pass@1"] == pytest.approx(0.5)
+
+
+def test_pass_at_k_is_over_the_evaluated_tasks(dirs, tmp_path):
+    task = _task(dirs)  # test split: 2 tasks x 5 variants x 2 pairs, in the order task -> variant -> pair
+    with capture_logs() as logs:
+        m = _evaluate(task, tmp_path, _oracle, limit=10)  # task 0 only
+    assert m["pass@1"] == m["pass@2"] == 1.0 and (m["tasks_evaluated"], m["tasks_total"]) == (1.0, 2.0)
+    assert [e for e in logs if e["log_level"] == "warning" and "evaluated subset" in e["event"]][0]["tasks_evaluated"] == 1
+    # A task cut by the limit counts as evaluated; its pairs without a prediction are misses.
+    m = _evaluate(task, tmp_path, _oracle, limit=11)  # task 1: pair 0 of variant 0 only
+    assert m["pass@1"] == pytest.approx((1.0 + 0.5) / 2) and m["tasks_evaluated"] == 2.0
+    with capture_logs() as logs:
+        m = _evaluate(task, tmp_path, _oracle)
+    assert m["tasks_evaluated"] == m["tasks_total"] == 2.0 and not [e for e in logs if e["log_level"] == "warning"]
+    m = _evaluate(_task(dirs, max_test_puzzles=1), tmp_path, _oracle)  # the task list itself shrinks
+    assert m["pass@2"] == 1.0 and m["tasks_evaluated"] == m["tasks_total"] == 1.0
+
+
+def test_submission_skips_empty_grids(dirs, tmp_path):
+    task = _task(dirs)
+
+    def predict(batch):
+        out = _oracle(batch)
+        for r in range(len(out)):
+            variant = int(batch["example_ids"][r]) % 10 // 2
+            if batch["arc_task"][r] == 1 or (batch["arc_pair"][r] == 0 and variant % 2 == 0):
+                out[r] = 0  # all PAD: crops to an empty grid; task 0 pair 0: 3 of 5 votes, top-ranked
+        return out
+
+    m = _evaluate(task, tmp_path, predict)
+    assert m["pass@1"] == pytest.approx(0.5 * 0.5) and m["pass@2"] == pytest.approx(0.5)  # the empty grid ranks, and misses
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    truth = json.loads(open(f"{dirs[1]}/e1.json").read())["test"][0]["output"]
+    assert sub["e1"][0] == {"attempt_1": truth, "attempt_2": truth}  # the next-ranked non-empty grid, repeated
+    assert sub["e2"] == [{"attempt_1": [[0]], "attempt_2": [[0]]}] * 2  # only empty grids: a 1x1 black guess
 
 
 def test_registers_task_and_evaluator():

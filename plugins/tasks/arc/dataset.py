@@ -12,7 +12,9 @@ which is exactly the reference's materialised data, and every group keeps the sa
 example whatever its variant count, as in the reference sampler (one random variant per group
 per epoch). Translations are a pure function of (seed, task, variant, example), fixed per
 augmented example like the reference's build-time draw, and one random example per variant
-stays at (0, 0).
+stays at (0, 0). `groups()` declares each (group, variant) a puzzle, so the default group
+sampler (dis_core.data.GroupStream) trains in the reference's order: per pass one random variant
+of every group, its examples together.
 
 Test split. Every variant of every test pair of the test-subset tasks, untranslated, in the
 order group -> variant -> pair; batches carry `arc_task`/`arc_pair`/`aug_*` for voting.
@@ -26,7 +28,7 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from dis_core.interfaces import IGNORE
+from dis_core.interfaces import IGNORE, PuzzleGroups
 
 from .augment import generate_variants, hash_uniform
 from .encoding import PAD, SIDE, render, transformed_shape
@@ -55,6 +57,17 @@ def make_batch(indices, inputs, outputs, puzzle_ids, tids, cmaps, arc_task, arc_
         "arc_task": np.broadcast_to(np.asarray(arc_task, dtype=np.int64), (k,)).copy(),  # test puzzle index, -1 in train
         "arc_pair": np.broadcast_to(np.asarray(arc_pair, dtype=np.int64), (k,)).copy(),  # test pair index, -1 in train
     }
+
+
+def variant_groups(example_offset: np.ndarray, n_var: np.ndarray) -> PuzzleGroups:
+    """The puzzles of a round-indexed train split (index = (round, g, e)): group g's puzzles are
+    its example runs in rounds 0..V_g-1, which show each of its V_g variants exactly once
+    (round r shows variant (r + rot_g) mod V_g); later rounds repeat them and are left out."""
+    group_offsets = np.concatenate([[0], np.cumsum(n_var)]).astype(np.int64)
+    g = np.repeat(np.arange(len(n_var)), n_var)  # (P,) group of each puzzle
+    rnd = np.arange(group_offsets[-1]) - group_offsets[g]
+    start = rnd * example_offset[-1] + example_offset[g]
+    return PuzzleGroups(puzzle_start=start, puzzle_size=np.diff(example_offset)[g], group_offsets=group_offsets)
 
 
 class Corpus:
@@ -128,12 +141,15 @@ class TrainSplit:
         self.group_puzzle = np.flatnonzero(n_ex > 0)
         self.group_size = n_ex[self.group_puzzle]  # E_g
         self.example_offset = np.concatenate([[0], np.cumsum(self.group_size)])
-        n_var = corpus.n_var[self.group_puzzle]
+        self.n_var = n_var = corpus.n_var[self.group_puzzle]
         self.rounds = int(n_var.max()) if len(n_var) else 0
         self.rotation = hash_uniform(n_var, corpus.seed, corpus.keys[self.group_puzzle], _SALT_ROTATION) if len(n_var) else n_var
 
     def __len__(self) -> int:
         return self.rounds * int(self.example_offset[-1])
+
+    def groups(self) -> PuzzleGroups:
+        return variant_groups(self.example_offset, self.n_var)
 
     def decode(self, indices: np.ndarray):
         """index -> (puzzle, variant, example within the group, group size)."""

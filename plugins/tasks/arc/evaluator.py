@@ -5,12 +5,23 @@ Per test row (reference_behaviour.md §6): crop the last step's prediction at th
 vote for that grid under (test task, test pair), with confidence sigmoid(q_halt). Candidates
 are ranked by (votes, mean confidence), ties by first appearance. A pair passes at K when its
 true output is among the top K; a task scores the fraction of its pairs that pass (partial
-credit, TRM) or 1 only if all pass (`all_or_nothing`, HRM); `pass@K` is the mean over the
-test tasks, a task without any prediction scoring 0. The true output is recovered from the
-batch labels by the same inverse, so it never needs a separate copy of the answers.
+credit, TRM) or 1 only if all pass (`all_or_nothing`, HRM). The true output is recovered from
+the batch labels by the same inverse, so it never needs a separate copy of the answers.
+
+`pass@K` is the mean over the test tasks *evaluated*: those with at least one prediction. Under
+`train.eval_limit` (or any run that sees only part of the test split) the other tasks are left
+out rather than scored 0, and `tasks_evaluated` / `tasks_total` report the coverage (a warning
+is logged when it is below 100%). An evaluated task is scored over all its test pairs, so a pair
+that got no prediction counts as missed; only the task where `eval_limit` cuts the split can
+have such pairs (the split runs task -> variant -> pair, so a task's first variant covers all
+its pairs).
 
 `compute` also writes `submission.json` in the Kaggle layout: per task, one
-{"attempt_1", "attempt_2"} per test pair, from the top two (the first repeated if only one).
+{"attempt_1", "attempt_2"} per test pair, from the top two candidates that are non-empty grids
+(the first repeated if only one). An empty grid (an all-PAD prediction crops to 0x0) is no valid
+answer, so it is skipped for the next-ranked one; a pair with no non-empty candidate, or no
+prediction at all, gets a 1x1 black grid [[0]]. pass@K ranks every candidate, empty ones
+included, as the reference does (an empty grid never passes).
 """
 
 from __future__ import annotations
@@ -18,13 +29,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import itertools
+
 import attrs
 import numpy as np
+import structlog
 import torch
 
 from dis_core.interfaces import IGNORE, EvalRecord
 
 from .encoding import PAD, crop, grid_from_key, grid_key, invert
+
+log = structlog.get_logger()
 
 
 @attrs.frozen(kw_only=True)
@@ -95,13 +111,19 @@ class ArcEvaluator:
             for t, p in votes:
                 n_pairs[t] = max(n_pairs.get(t, 0), p + 1)
             puzzles = [(f"task{t}", n_pairs[t]) for t in sorted(n_pairs)]
+        seen = {t for t, _ in votes}
+        evaluated = [(t, n) for t, (_, n) in enumerate(puzzles) if t in seen]
         metrics = {}
         for k in self.config.pass_ks:
             scores = []
-            for t, (_, n) in enumerate(puzzles):
+            for t, n in evaluated:
                 hits = [(t, p) in ranked and truth[(t, p)] in ranked[(t, p)][:k] for p in range(n)]
                 scores.append(float(all(hits)) if self.config.all_or_nothing else sum(hits) / max(1, n))
             metrics[f"pass@{k}"] = float(np.mean(scores)) if scores else 0.0
+        metrics["tasks_evaluated"], metrics["tasks_total"] = float(len(evaluated)), float(len(puzzles))
+        if len(evaluated) < len(puzzles):
+            log.warning("arc pass@K is averaged over the evaluated subset of the test tasks only",
+                        tasks_evaluated=len(evaluated), tasks_total=len(puzzles))
         if out_dir is not None and self.config.write_submission:
             write_submission(Path(out_dir) / "submission.json", puzzles, ranked, self.config.attempts)
         return metrics
@@ -112,8 +134,8 @@ def write_submission(path: Path, puzzles, ranked, attempts: int) -> None:
     for t, (name, n) in enumerate(puzzles):
         entries = []
         for p in range(n):
-            top = ranked.get((t, p), [])[:attempts]
-            grids = [grid_from_key(g) for g in top] or [[[0]]]  # nothing predicted: a 1x1 black guess
+            non_empty = (g for g in ranked.get((t, p), []) if g[0] and g[1])  # keys open with (rows, cols)
+            grids = [grid_from_key(g) for g in itertools.islice(non_empty, attempts)] or [[[0]]]  # a 1x1 black guess
             grids += [grids[0]] * (attempts - len(grids))
             entries.append({f"attempt_{i + 1}": g for i, g in enumerate(grids)})
         out[name] = entries

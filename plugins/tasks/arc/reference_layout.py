@@ -32,7 +32,7 @@ from tqdm import tqdm
 from dis_core.errors import DataError
 
 from .augment import hash_uniform
-from .dataset import _SALT_ROTATION, make_batch, task_key
+from .dataset import _SALT_ROTATION, make_batch, task_key, variant_groups
 from .encoding import SEQ_LEN, VOCAB_SIZE
 
 SEPARATOR = "|||"
@@ -212,6 +212,11 @@ class ReferenceSplit:
 
     def __len__(self) -> int:
         return self.rounds * int(self.example_offset[-1]) if self.train else len(self.rows)
+
+    def groups(self):
+        """As the native train split's: a puzzle is one variant's E_g examples in index space
+        (a variant stored with another size is read cyclically, as `get` does)."""
+        return variant_groups(self.example_offset, self.group_puzzles) if self.train else None
 
     def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         idx = np.asarray(indices, dtype=np.int64)
