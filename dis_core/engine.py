@@ -76,14 +76,6 @@ def gather_objects(obj: Any) -> list[Any] | None:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

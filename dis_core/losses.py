@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from dis_core.interfaces import IGNORE
-
 
 def _stablemax_log_probs(logits: torch.Tensor) -> torch.Tensor:
     # s(v) = v + 1 for v >= 0, 1 / (1 - v) for v < 0: a softmax replacement that does not
@@ -35,7 +33,3 @@ def per_sequence_ce(logits: torch.Tensor, targets: torch.Tensor, kind: str = "st
     nll = torch.where(valid, nll, torch.zeros_like(nll))
     count = valid.sum(-1).clamp_min(1)
     return (nll.sum(-1) / count).to(torch.float32)
-
-
-def supervised_mask(targets: torch.Tensor, vocab: int) -> torch.Tensor:
-    return (targets >= 0) & (targets < vocab) & (targets != IGNORE)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dis_core import hookimpl
+from dis_core.validators import non_negative, probability
 
 
 @attrs.frozen(kw_only=True)
@@ -38,23 +39,13 @@ def build_fixed(config: FixedConfig, ctx) -> FixedHalting:
     return FixedHalting(ctx.n_sup)
 
 
-def _probability(_inst, attr, value):
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attr.name} must lie in [0, 1], got {value}")
-
-
-def _non_negative(_inst, attr, value):
-    if value < 0:
-        raise ValueError(f"{attr.name} must be >= 0, got {value}")
-
-
 @attrs.frozen(kw_only=True)
 class ACTConfig:
     """TRM's adaptive computation time. Defaults reproduce TRM's code (`no_ACT_continue=True`)."""
 
     # Per slot and step, the chance of drawing a minimum step count U{2..n_sup} the slot must
     # reach before it may halt. It only delays halting.
-    exploration_prob: float = attrs.field(default=0.1, validator=_probability)
+    exploration_prob: float = attrs.field(default=0.1, validator=probability)
     # Halt when q_halt > q_continue (TRM with no_ACT_continue=False, HRM) instead of q_halt > 0.
     halt_on_q_continue: bool = False
     # Train q_continue towards the bootstrapped target of HRM (needs an extra no-grad forward).
@@ -62,7 +53,7 @@ class ACTConfig:
     # Let the Q-head stop evaluation early. Off by default: the reference evaluates with
     # exactly n_sup steps whatever q says (TRM issue #64).
     honour_head_at_eval: bool = False
-    q_loss_weight: float = attrs.field(default=0.5, validator=_non_negative)  # on (q_halt + q_continue) BCE
+    q_loss_weight: float = attrs.field(default=0.5, validator=non_negative)  # on (q_halt + q_continue) BCE
 
 
 class ACTHalting:

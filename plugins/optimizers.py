@@ -18,6 +18,7 @@ import attrs
 import torch
 
 from dis_core import hookimpl
+from dis_core.validators import in_range, non_negative
 
 
 @attrs.frozen(kw_only=True)
@@ -34,25 +35,14 @@ def build_adamw(config: AdamWConfig, ctx):
     def make(params):
         return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps)
 
-    make.base_lr = config.lr
     return make
-
-
-def _beta(_inst, attr, value):
-    if not all(0.0 <= b < 1.0 for b in value):
-        raise ValueError(f"{attr.name} must each lie in [0, 1), got {value}")
-
-
-def _non_negative(_inst, attr, value):
-    if value < 0:
-        raise ValueError(f"{attr.name} must be >= 0, got {value}")
 
 
 @attrs.frozen(kw_only=True)
 class AdamATan2Config:
-    lr: float = attrs.field(default=1e-4, validator=_non_negative)  # base lr; the trainer's schedule scales it
-    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_beta)  # TRM's (not 0.999)
-    weight_decay: float = attrs.field(default=0.1, validator=_non_negative)  # decoupled; TRM Sudoku/Maze use 1.0
+    lr: float = attrs.field(default=1e-4, validator=non_negative)  # base lr; the trainer's schedule scales it
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=in_range(0.0, 1.0, high_open=True))  # TRM's (not 0.999)
+    weight_decay: float = attrs.field(default=0.1, validator=non_negative)  # decoupled; TRM Sudoku/Maze use 1.0
 
 
 class AdamATan2(torch.optim.Optimizer):
@@ -130,11 +120,10 @@ def build_adam_atan2(config: AdamATan2Config, ctx):
     """AdamATan2, the exact `imoneoi` rule in plain PyTorch (TRM's and HRM's optimizer)."""
 
     def make(params):
-        # The trainer overwrites every group's lr (scaling `base_lr`) before each step, so the
-        # value given here only matters to code that reads the groups before the first step.
+        # The trainer reads each group's lr once as the base of its schedule and overwrites it
+        # before every step.
         return AdamATan2(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
-    make.base_lr = config.lr
     return make
 
 

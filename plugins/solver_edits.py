@@ -2,10 +2,10 @@
 fixes the cells (the paper's "programmable edits").
 
 The task does the solving: it must offer `solver_trajectory(batch, n_sup)` (the optional
-`SolverTrajectoryTask` capability). `ranked_reveal` below is the shared way tasks turn a
-per-cell solve order into frames, so every solver-ordered task reveals cells by the same rule
-as the reference reveal path: frame s (1-based) shows floor(s * missing / n_sup) of the
-missing cells on top of the question, so the last frame is y*.
+`SolverTrajectoryTask` capability). Tasks build it with `dis_core.reveal.ranked_reveal`, which
+turns a per-cell solve order into frames by the same rule as the reference reveal path: frame
+s (1-based) shows floor(s * missing / n_sup) of the missing cells on top of the question, so
+the last frame is y*.
 """
 
 from __future__ import annotations
@@ -15,31 +15,10 @@ import torch
 
 from dis_core import hookimpl
 from dis_core.errors import CapabilityError
-from dis_core.interfaces import IGNORE
+from dis_core.reveal import ranked_reveal  # noqa: F401  TEMPORARY: sudoku/maze still import it from here
 
 # Generators that need nothing from the task, named in the capability error.
 TASK_AGNOSTIC = ("reveal_path", "mask", "random_replace", "final")
-
-
-def ranked_reveal(inputs: torch.Tensor, labels: torch.Tensor, rank: torch.Tensor, n_sup: int) -> torch.Tensor:
-    """inputs, labels (B, L) int64; rank (B, L) int64, smaller = fixed earlier (only cells
-    where inputs != labels are looked at; ties keep position order) -> (B, n_sup, L) int64.
-
-    Frame s-1 (s = 1..n_sup) takes labels on the first floor(s * missing / n_sup) differing
-    cells and inputs elsewhere; cells whose label is IGNORE stay IGNORE in every frame."""
-    B, L = labels.shape
-    supervised = labels != IGNORE
-    diff = (inputs != labels) & supervised  # (B, L) the cells a solver has to fill
-    key = torch.where(diff, rank, torch.full_like(rank, torch.iinfo(torch.int64).max))
-    order = torch.sort(key, dim=1, stable=True).indices  # (B, L) cells in reveal order
-    pos = torch.empty_like(order)
-    pos.scatter_(1, order, torch.arange(L, device=labels.device).expand(B, L))  # (B, L) place in that order
-    missing = diff.sum(1)  # (B,)
-    s = torch.arange(1, n_sup + 1, device=labels.device)
-    shown = (s[None, :] * missing[:, None]) // n_sup  # (B, N) cells revealed by each frame
-    revealed = diff[:, None, :] & (pos[:, None, :] < shown[:, :, None])  # (B, N, L)
-    frames = torch.where(revealed, labels[:, None, :], inputs[:, None, :])
-    return torch.where(supervised[:, None, :], frames, torch.full_like(frames, IGNORE))
 
 
 @attrs.frozen(kw_only=True)

@@ -14,6 +14,7 @@ and what the model is fed at each step are the trainer's business, not the gener
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import attrs
 import torch
@@ -21,6 +22,8 @@ import torch
 from dis_core import hookimpl
 from dis_core.errors import UserError
 from dis_core.interfaces import IGNORE, TaskSpec
+from dis_core.reveal import reveal_frames
+from dis_core.validators import one_of
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -49,17 +52,10 @@ class RevealPath:
     def __call__(self, batch, n_sup, generator):
         x0, x1 = batch["inputs"], batch["labels"]  # (B, L) each
         diff = x0 != x1  # IGNORE labels never equal a token, so padding differs
-        n_diff = diff.sum(-1)  # (B,)
         scores = _uniform(tuple(x0.shape), generator, x0.device)
         scores = torch.where(diff, scores, torch.full_like(scores, math.inf))
-        # rank[b, p] = place of cell p in example b's reveal order; non-differing cells sort last.
-        order = scores.argsort(dim=-1)
-        rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(x0.shape[-1], device=x0.device).expand_as(order))
-        s = torch.arange(1, n_sup + 1, device=x0.device)  # frames 1..N (frame 0 = x is no target)
-        k = (s[None, :] * n_diff[:, None]) // n_sup  # (B, N) cells revealed at frame s
-        revealed = rank[:, None, :] < k[:, :, None]  # (B, N, L), nested because k grows with s
-        return torch.where(revealed, x1[:, None, :], x0[:, None, :]).long()
+        order = scores.argsort(dim=-1)  # (B, L) the differing cells first, in a random order
+        return reveal_frames(x0, x1, order, diff.sum(-1), n_sup).long()
 
 
 def build_reveal_path(config: RevealPathConfig, ctx) -> RevealPath:
@@ -105,13 +101,13 @@ def _spec(ctx) -> TaskSpec:
     return spec
 
 
-_SCHEDULES = ("linear", "cosine")
+Schedule = Literal["linear", "cosine"]
 
 
 @attrs.frozen(kw_only=True)
 class MaskConfig:
     # beta_s: "linear" = 1 - s/N (the paper's "linearly decreasing mask rate"), or "cosine".
-    schedule: str = attrs.field(default="linear", validator=attrs.validators.in_(_SCHEDULES))
+    schedule: Schedule = attrs.field(default="linear", validator=one_of(*get_args(Schedule)))
     # None = the task's pad_id. The vocabulary has no spare id, and PAD is never the label of a
     # supervised cell (padding labels are IGNORE), so it reads as "unknown" without growing V.
     # (maxwell-gao/VirtualRecursiveNetwork adds a token V-1 instead.)
@@ -144,7 +140,7 @@ def build_mask(config: MaskConfig, ctx) -> MaskTargets:
 
 @attrs.frozen(kw_only=True)
 class RandomReplaceConfig:
-    schedule: str = attrs.field(default="linear", validator=attrs.validators.in_(_SCHEDULES))
+    schedule: Schedule = attrs.field(default="linear", validator=one_of(*get_args(Schedule)))
     # Replacement tokens are uniform over [low, high], inclusive. Defaults: pad_id + 1 .. V - 1,
     # i.e. every token but PAD for the builtin tasks (PAD is 0): N-Queens {empty, queen}, ARC
     # EOS + colours. A draw may equal the label, so the Hamming rate is a little below beta_s.

@@ -10,8 +10,8 @@ import torch
 
 from dis_core.errors import CapabilityError
 from dis_core.interfaces import IGNORE, BuildContext, EvalRecord, TaskSpec
-from dis_plugins.evaluators import ExactConfig, NQueensEvalConfig, build_exact, build_nqueens_evaluator
-from dis_plugins.tasks.nqueens import EMPTY, QUEEN, NQueensConfig, NQueensTask
+from dis_plugins.evaluators import ExactConfig, build_exact
+from dis_plugins.tasks.nqueens import EMPTY, QUEEN, NQueensConfig, NQueensEvalConfig, NQueensTask, build_nqueens_evaluator
 
 
 def record(inputs, labels, preds, steps=None):

@@ -97,7 +97,7 @@ def test_factories(tmp_path):
     make = build_adam_atan2(AdamATan2Config(), ctx)
     opt = make(net.parameters())
     assert isinstance(opt, AdamATan2)
-    assert make.base_lr == 1e-4
+    assert opt.param_groups[0]["lr"] == 1e-4  # the base the trainer's schedule scales
     assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["weight_decay"] == 0.1
     assert isinstance(build_adamw(AdamWConfig(), ctx)(net.parameters()), torch.optim.AdamW)
     with pytest.raises(ValueError):

@@ -12,21 +12,9 @@ from __future__ import annotations
 
 import attrs
 import torch
-from torch import nn
 
 from dis_core import hookimpl
-from dis_plugins.backbones.layers import (
-    Block,
-    InputEmbedding,
-    Linear,
-    Reasoner,
-    Rotary,
-    block_flops,
-    check_shape_config,
-    prefix_length,
-    q_head,
-    trunc_normal_,
-)
+from dis_plugins.backbones.layers import Block, Reasoner, RecursiveBackbone, check_shape_config
 
 
 @attrs.frozen(kw_only=True)
@@ -53,44 +41,20 @@ class HRMConfig:
             raise ValueError(f"H_layers ({self.H_layers}) and L_layers ({self.L_layers}) must be >= 1")
 
 
-class HRM(nn.Module):
+class HRM(RecursiveBackbone):
     def __init__(self, config: HRMConfig, vocab_size: int, seq_len: int, n_sup: int):
-        super().__init__()
-        c = config
-        D = c.hidden_size
-        self.config = c
-        self.hidden_size = D
-        self.puzzle_emb_ndim = c.puzzle_emb_ndim
-        self.prefix_len = prefix_length(c.puzzle_emb_ndim, c.puzzle_emb_len, D)
-        self.seq_len = self.prefix_len + seq_len  # S
-        self.T, self.n = c.T, c.n
-        self.embed = InputEmbedding(
-            vocab_size, D, seq_len, self.prefix_len, c.puzzle_emb_ndim, c.pos_encodings,
-            step_rows=n_sup + 2 if c.step_embedding else 0,
-        )
-        rotary = Rotary(D // c.num_heads, self.seq_len, c.rope_theta) if c.pos_encodings == "rope" else None
-        self.H = Reasoner([Block(D, c.num_heads, c.expansion, self.seq_len) for _ in range(c.H_layers)], rotary)
-        self.L = Reasoner([Block(D, c.num_heads, c.expansion, self.seq_len) for _ in range(c.L_layers)], rotary)
-        self.lm_head = Linear(D, vocab_size)
-        self.q_head = q_head(D)
-        # Start states of y (z_H) and z (z_L): fixed random vectors, saved but never trained.
-        self.register_buffer("H_init", trunc_normal_(torch.empty(D), 1.0))
-        self.register_buffer("L_init", trunc_normal_(torch.empty(D), 1.0))
-
-    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (batch_size, self.seq_len, self.hidden_size)
-        return self.H_init.expand(shape).contiguous(), self.L_init.expand(shape).contiguous()
+        super().__init__(config, vocab_size, seq_len, n_sup)
+        c, D = config, config.hidden_size
+        self.H = Reasoner([Block(D, c.num_heads, c.expansion, self.seq_len) for _ in range(c.H_layers)], self.rotary)
+        self.L = Reasoner([Block(D, c.num_heads, c.expansion, self.seq_len) for _ in range(c.L_layers)], self.rotary)
+        self._add_heads(vocab_size)
+        # Calls mix L (L_layers blocks) and H (H_layers blocks): FLOPs use their average, exact
+        # for the whole step; the grad part (one of each) matches it when H_layers == L_layers.
+        calls = c.T * c.n + c.T
+        self.blocks_per_call = (c.T * c.n * c.L_layers + c.T * c.H_layers) / calls
 
     def calls_per_step(self) -> tuple[int, int]:
         return self.T * self.n + self.T, 2
-
-    def flops_per_call(self, seq_len: int) -> float:
-        # Calls mix L (L_layers blocks) and H (H_layers blocks): this is their average, exact
-        # for the whole step; the grad part (one of each) matches it when H_layers == L_layers.
-        c = self.config
-        calls = self.T * self.n + self.T
-        blocks = (self.T * self.n * c.L_layers + self.T * c.H_layers) / calls
-        return blocks * block_flops(seq_len, self.hidden_size, c.expansion)
 
     def forward(self, state, tokens, step, puzzle_emb=None):
         x = self.embed(tokens, step, puzzle_emb)  # (B, S, D)
@@ -107,8 +71,7 @@ class HRM(nn.Module):
         # One-step gradient: the final L- and H-update.
         z = self.L(z, y + x)
         y = self.H(y, z)
-        logits = self.lm_head(y[:, self.prefix_len :])  # (B, L, V)
-        q_logits = self.q_head(y[:, 0]).float()  # (B, 2) [halt, continue]
+        logits, q_logits = self._decode(y)  # (B, L, V), (B, 2)
         return (y, z), logits, q_logits
 
 

@@ -1,4 +1,5 @@
-"""Building blocks shared by the recursive backbones (`trm`, `hrm`).
+"""Building blocks shared by the recursive backbones (`trm`, `hrm`), and `RecursiveBackbone`,
+the embedding, heads and start states around their reasoning modules.
 
 They follow the reference TRM layers number by number (reference_behaviour.md §2): LeCun
 truncated-normal init, bias-free linears, a parameter-free RMSNorm in fp32, 1-D RoPE over the
@@ -291,3 +292,56 @@ def check_shape_config(config) -> None:
 def prefix_length(puzzle_emb_ndim: int, puzzle_emb_len: int, hidden: int) -> int:
     """P: the configured length, or (when 0) as many positions as the puzzle vector needs."""
     return puzzle_emb_len if puzzle_emb_len else -(-puzzle_emb_ndim // hidden)
+
+
+class RecursiveBackbone(nn.Module):
+    """What `trm` and `hrm` share around their reasoning modules: the input embedding (puzzle
+    prefix, optional step embedding), the rotary table, the output heads, the fixed start
+    states of y and z, `initial_state`, decoding y, and FLOPs from blocks per network call.
+
+    A subclass's __init__ calls `super().__init__(...)`, builds its blocks (with `self.rotary`),
+    then `self._add_heads(vocab_size)`, and sets `blocks_per_call`. Parameters draw their initial
+    values in that order (embedding, blocks, heads, start states), so keep it: a seed's model
+    depends on it.
+    """
+
+    blocks_per_call: float  # blocks one network call runs (an average if calls differ)
+    mlp_t = False  # TRM-MLP blocks (for the FLOP count)
+
+    def __init__(self, config, vocab_size: int, seq_len: int, n_sup: int):
+        super().__init__()
+        c = config
+        D = c.hidden_size
+        self.config = c
+        self.hidden_size = D
+        self.puzzle_emb_ndim = c.puzzle_emb_ndim
+        self.prefix_len = prefix_length(c.puzzle_emb_ndim, c.puzzle_emb_len, D)
+        self.seq_len = self.prefix_len + seq_len  # S
+        self.T, self.n = c.T, c.n
+        self.embed = InputEmbedding(
+            vocab_size, D, seq_len, self.prefix_len, c.puzzle_emb_ndim, c.pos_encodings,
+            step_rows=n_sup + 2 if c.step_embedding else 0,
+        )
+        # One table for every block; it holds no parameters or buffers (nothing in the state dict).
+        self.rotary = Rotary(D // c.num_heads, self.seq_len, c.rope_theta) if c.pos_encodings == "rope" else None
+
+    def _add_heads(self, vocab_size: int) -> None:
+        D = self.hidden_size
+        self.lm_head = Linear(D, vocab_size)
+        self.q_head = q_head(D)
+        # Start states of y (reference z_H) and z (z_L): fixed random vectors, saved with the
+        # model but never trained.
+        self.register_buffer("H_init", trunc_normal_(torch.empty(D), 1.0))
+        self.register_buffer("L_init", trunc_normal_(torch.empty(D), 1.0))
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (batch_size, self.seq_len, self.hidden_size)
+        return self.H_init.expand(shape).contiguous(), self.L_init.expand(shape).contiguous()
+
+    def flops_per_call(self, seq_len: int) -> float:
+        return self.blocks_per_call * block_flops(seq_len, self.hidden_size, self.config.expansion, self.mlp_t)
+
+    def _decode(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.lm_head(y[:, self.prefix_len :])  # (B, L, V): the prefix is never decoded
+        q_logits = self.q_head(y[:, 0]).float()  # (B, 2) [halt, continue] from the first position
+        return logits, q_logits

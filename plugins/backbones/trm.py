@@ -13,21 +13,9 @@ from __future__ import annotations
 
 import attrs
 import torch
-from torch import nn
 
 from dis_core import hookimpl
-from dis_plugins.backbones.layers import (
-    Block,
-    InputEmbedding,
-    Linear,
-    Reasoner,
-    Rotary,
-    block_flops,
-    check_shape_config,
-    prefix_length,
-    q_head,
-    trunc_normal_,
-)
+from dis_plugins.backbones.layers import Block, Reasoner, RecursiveBackbone, check_shape_config
 
 
 @attrs.frozen(kw_only=True)
@@ -59,41 +47,17 @@ class TRMConfig:
             raise ValueError("mlp_t has no attention, so rope would do nothing: set pos_encodings to 'none' or 'learned'")
 
 
-class TRM(nn.Module):
+class TRM(RecursiveBackbone):
     def __init__(self, config: TRMConfig, vocab_size: int, seq_len: int, n_sup: int):
-        super().__init__()
+        super().__init__(config, vocab_size, seq_len, n_sup)
         c = config
-        D = c.hidden_size
-        self.config = c
-        self.hidden_size = D
-        self.puzzle_emb_ndim = c.puzzle_emb_ndim
-        self.prefix_len = prefix_length(c.puzzle_emb_ndim, c.puzzle_emb_len, D)
-        self.seq_len = self.prefix_len + seq_len  # S
-        self.T, self.n = c.T, c.n
-        self.embed = InputEmbedding(
-            vocab_size, D, seq_len, self.prefix_len, c.puzzle_emb_ndim, c.pos_encodings,
-            step_rows=n_sup + 2 if c.step_embedding else 0,
-        )
-        rotary = Rotary(D // c.num_heads, self.seq_len, c.rope_theta) if c.pos_encodings == "rope" else None
-        blocks = [Block(D, c.num_heads, c.expansion, self.seq_len, c.mlp_t) for _ in range(c.num_layers)]
-        self.net = Reasoner(blocks, rotary)
-        self.lm_head = Linear(D, vocab_size)
-        self.q_head = q_head(D)
-        # Start states of y (reference z_H) and z (z_L): fixed random vectors, saved with the
-        # model but never trained.
-        self.register_buffer("H_init", trunc_normal_(torch.empty(D), 1.0))
-        self.register_buffer("L_init", trunc_normal_(torch.empty(D), 1.0))
-
-    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (batch_size, self.seq_len, self.hidden_size)
-        return self.H_init.expand(shape).contiguous(), self.L_init.expand(shape).contiguous()
+        blocks = [Block(c.hidden_size, c.num_heads, c.expansion, self.seq_len, c.mlp_t) for _ in range(c.num_layers)]
+        self.net = Reasoner(blocks, self.rotary)
+        self._add_heads(vocab_size)
+        self.blocks_per_call, self.mlp_t = c.num_layers, c.mlp_t
 
     def calls_per_step(self) -> tuple[int, int]:
         return self.T * (self.n + 1), self.n + 1
-
-    def flops_per_call(self, seq_len: int) -> float:
-        c = self.config
-        return c.num_layers * block_flops(seq_len, self.hidden_size, c.expansion, c.mlp_t)
 
     def _cycle(self, y: torch.Tensor, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         yx = y + x  # the z-updates' injection does not change within a cycle
@@ -109,8 +73,7 @@ class TRM(nn.Module):
             for _ in range(self.T - 1):
                 y, z = self._cycle(y, z, x)
         y, z = self._cycle(y, z, x)
-        logits = self.lm_head(y[:, self.prefix_len :])  # (B, L, V): the prefix is never decoded
-        q_logits = self.q_head(y[:, 0]).float()  # (B, 2) [halt, continue] from the first position
+        logits, q_logits = self._decode(y)  # (B, L, V), (B, 2)
         return (y, z), logits, q_logits
 
 

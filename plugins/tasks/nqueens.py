@@ -1,4 +1,5 @@
-"""Task `nqueens`: place N non-attacking queens on an N x N board, some of them given.
+"""Task `nqueens` and evaluator `nqueens`: place N non-attacking queens on an N x N board, some
+of them given.
 
 Follows the DIS builder (reference_behaviour.md §5.4): each label is one solution found by
 randomised backtracking, the input keeps num_given ~ U{min_given..max_given} of its queens.
@@ -11,31 +12,31 @@ permutation of the cells.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 import numpy as np
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import UserError
-from dis_core.interfaces import TaskSpec
+from dis_core.errors import CapabilityError, UserError
+from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
+from dis_core.metrics import Tally, final_and_ran
+from dis_core.reveal import ranked_reveal
+from dis_core.validators import in_range, non_negative, positive
 
 PAD, EMPTY, QUEEN = 0, 1, 2
 TEST_SEED_OFFSET = 1000  # the reference seeds train 42 and test 1042
-
-
-def _positive(inst, attr, value):
-    if value < 1:
-        raise ValueError(f"{attr.name} must be >= 1, got {value}")
 
 
 @attrs.frozen(kw_only=True)
 class NQueensConfig:
     # 2 and 3 have no solution. Plain randomised backtracking has a heavy-tailed run time:
     # 1000 boards take 0.2 s at 8, 0.6 s at 16, but 200 boards of 30 already take 3 s.
-    board_size: int = attrs.field(default=8, validator=[attrs.validators.ge(4), attrs.validators.le(20)])
-    num_train: int = attrs.field(default=800, validator=_positive)  # puzzles before augmentation
-    num_test: int = attrs.field(default=200, validator=_positive)
-    min_given: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    board_size: int = attrs.field(default=8, validator=in_range(4, 20))
+    num_train: int = attrs.field(default=800, validator=positive)  # puzzles before augmentation
+    num_test: int = attrs.field(default=200, validator=positive)
+    min_given: int = attrs.field(default=0, validator=non_negative)
     max_given: int | None = None  # None: board_size - 1, so at least one queen is left to place
     # Train = each puzzle as generated + its 8 dihedral transforms (9 variants, 800 -> 7200).
     # The test split is never augmented.
@@ -177,19 +178,10 @@ class NQueensTask:
         backtracking solver places them (top row first), floor(s * missing / n_sup) of them on
         top of the givens at frame s; frame n_sup is the labels."""
         x, y = batch["inputs"], batch["labels"]  # (B, L)
-        missing = (y == QUEEN) & (x != QUEEN)
-        # one queen per row, so row-major cell order is the solver's order
-        rank = missing.long().cumsum(-1) - 1  # (B, L) place among the missing queens
-        s = torch.arange(1, n_sup + 1, device=y.device)
-        k = (s[None, :] * missing.sum(-1)[:, None]) // n_sup  # (B, N)
-        revealed = missing[:, None, :] & (rank[:, None, :] < k[:, :, None])  # (B, N, L)
-        base = torch.where(missing, x, y).long()  # unrevealed missing queens show the input's EMPTY
-        frames = torch.where(revealed, torch.full_like(revealed, QUEEN, dtype=torch.long), base[:, None, :])
-        return frames  # frame N reveals every missing queen, so it equals the labels
-
-    def valid_solutions(self, boards: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: see `valid_solutions`."""
-        return valid_solutions(boards, inputs, self.config.board_size)
+        # One queen per row, so row-major cell order is the solver's order. The cells that
+        # differ are exactly the missing queens (every given queen is part of the solution).
+        rank = torch.arange(y.shape[-1], device=y.device).expand_as(y)  # (B, L)
+        return ranked_reveal(x, y, rank, n_sup)
 
 
 def build_nqueens(config: NQueensConfig, ctx) -> NQueensTask:
@@ -197,6 +189,71 @@ def build_nqueens(config: NQueensConfig, ctx) -> NQueensTask:
     return NQueensTask(config)
 
 
+# ----------------------------------------------------------------------------- evaluator
+
+
+@attrs.frozen(kw_only=True)
+class NQueensEvalConfig:
+    """No options: the board size comes from the task's grid_shape."""
+
+
+class NQueensEvaluator:
+    """`valid_solution_rate`: the final board is well formed (only empty/queen tokens), holds
+    exactly N queens, no two attacking, and keeps every given queen. `exact_accuracy` matches
+    the one sampled label solution, which undercounts when several solutions exist.
+    `valid@s` is the valid rate after step s."""
+
+    headline = "valid_solution_rate"
+
+    def __init__(self, board_size: int):
+        self.n = board_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.tally = Tally("count", "valid", "exact")
+
+    def update(self, record: EvalRecord) -> None:
+        x, y = record.batch["inputs"], record.batch["labels"]
+        final, ran = final_and_ran(record)
+        preds = record.preds  # (B, N, L)
+        b, n_steps, length = preds.shape
+        valid_each = valid_solutions(preds.reshape(b * n_steps, length), x.repeat_interleave(n_steps, 0), self.n)
+        valid_each = valid_each.reshape(b, n_steps) & ran  # (B, N)
+        self.tally.add(
+            count=b, valid=valid_solutions(final, x, self.n).sum(), exact=((final == y) | (y == IGNORE)).all(-1).sum(),
+            valid_sum=valid_each.sum(0), valid_count=ran.sum(0),
+        )
+
+    def state(self) -> dict:
+        return self.tally.state()
+
+    def compute(self, states: list, out_dir: Path | None) -> dict[str, float]:
+        t = Tally.merged(states)
+        if not t["count"]:
+            return {"count": 0.0}
+        out = {"count": float(t["count"]), "valid_solution_rate": t.ratio("valid", "count"),
+               "exact_accuracy": t.ratio("exact", "count")}
+        out.update(t.per_step("valid", "valid_sum", "valid_count"))
+        return out
+
+
+def build_nqueens_evaluator(config: NQueensEvalConfig, ctx) -> NQueensEvaluator:
+    """N-Queens valid-solution rate (no attacks, N queens, givens kept) and exact match."""
+    spec = ctx.spec if ctx.spec is not None else getattr(ctx.task, "spec", None)
+    shape = getattr(spec, "grid_shape", None)
+    if shape is None or shape[0] != shape[1] or shape[0] * shape[1] != spec.seq_len:
+        raise CapabilityError(
+            f"{ctx.component or 'evaluator nqueens'}: needs a task with a square grid_shape covering the "
+            f"whole sequence (got grid_shape={shape}); use it with task 'nqueens'"
+        )
+    return NQueensEvaluator(shape[0])
+
+
 @hookimpl
 def register_tasks(register):
     register("nqueens", NQueensConfig, build_nqueens)
+
+
+@hookimpl
+def register_evaluators(register):
+    register("nqueens", NQueensEvalConfig, build_nqueens_evaluator)

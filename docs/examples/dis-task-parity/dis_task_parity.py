@@ -22,6 +22,7 @@ import torch
 from dis_core import hookimpl
 from dis_core.errors import CapabilityError, UserError
 from dis_core.interfaces import EvalRecord, TaskSpec
+from dis_core.reveal import ranked_reveal
 
 PAD, ZERO, ONE = 0, 1, 2
 
@@ -82,8 +83,6 @@ class ParityTask:
     def solver_trajectory(self, batch, n_sup: int) -> torch.Tensor:
         """(B, n_sup, L): the cells to change, fixed left to right, as a person computing the
         running XOR would (the optional capability the `solver_edits` generator uses)."""
-        from dis_plugins.solver_edits import ranked_reveal
-
         inputs, labels = batch["inputs"], batch["labels"]
         rank = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)  # position = solve order
         return ranked_reveal(inputs, labels, rank, n_sup)

@@ -14,12 +14,11 @@ the rows a batch needs and samples the train split as dis does natively (one pas
 puzzle of the largest group once, each group weighted per example), so an exported directory
 read back gives exactly the same batches.
 
-CLI: python -m dis_plugins.tasks.arc OUT_DIR [--num-augmentations N] [--train-subsets ...] ...
+CLI (in __main__.py): python -m dis_plugins.tasks.arc OUT_DIR [--num-augmentations N] [--train-subsets ...] ...
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -235,23 +234,3 @@ class ReferenceSplit:
         pid = self.ids[puzzle]
         lay = self.layout
         return make_batch(idx, self.inputs[rows], self.labels[rows], pid, lay.id_tid[pid], lay.id_map[pid], task, pair)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .task import ArcConfig, ArcTask
-
-    ap = argparse.ArgumentParser(prog="python -m dis_plugins.tasks.arc", description="Export ARC data in the TRM/HRM layout.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--train-subsets", nargs="+", default=list(ArcConfig().train_subsets))
-    ap.add_argument("--test-subset", default=ArcConfig().test_subset)
-    ap.add_argument("--num-augmentations", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--no-translate", action="store_true")
-    ap.add_argument("--strict-split", action="store_true")
-    ap.add_argument("--max-test-puzzles", type=int, default=None)
-    a = ap.parse_args(argv)
-    cfg = ArcConfig(train_subsets=tuple(a.train_subsets), test_subset=a.test_subset, num_augmentations=a.num_augmentations,
-                    seed=a.seed, translate=not a.no_translate, strict_split=a.strict_split, max_test_puzzles=a.max_test_puzzles)
-    counts = export_reference_layout(ArcTask(cfg), a.out_dir)
-    print(f"wrote {a.out_dir}: {counts['train']} train and {counts['test']} test examples")
-    return 0

@@ -10,22 +10,14 @@ import structlog
 
 from dis_core.errors import UserError
 from dis_core.interfaces import TaskSpec
+from dis_core.validators import non_negative, positive
 
 from .dataset import Corpus, TestSplit, TrainSplit
 from .encoding import SEQ_LEN, SIDE, VOCAB_SIZE
+from .reference_layout import ReferenceLayout
 from .sources import check_disjoint, load_subset
 
 log = structlog.get_logger()
-
-
-def _non_negative(_inst, attr, value):
-    if value is not None and value < 0:
-        raise ValueError(f"{attr.name} must be >= 0, got {value}")
-
-
-def _positive(_inst, attr, value):
-    if value is not None and value <= 0:
-        raise ValueError(f"{attr.name} must be > 0, got {value}")
 
 
 @attrs.frozen(kw_only=True)
@@ -43,14 +35,14 @@ class ArcConfig:
     strict_split: bool = False  # True: never train on the test subset's demonstrations (HRM PR #22)
     # Dihedral x colour variants per puzzle besides the original; duplicates are dropped, so a
     # puzzle with few colours or symmetries gets fewer. Each variant has its own identifier.
-    num_augmentations: int = attrs.field(default=1000, validator=_non_negative)
+    num_augmentations: int = attrs.field(default=1000, validator=non_negative)
     # Variants per test pair in the test split (the original included); None = all of them.
     # Fewer means a faster evaluation with fewer votes (the reference votes over all ~1001).
-    eval_variants: int | None = attrs.field(default=None, validator=_positive)
+    eval_variants: int | None = attrs.field(default=None, validator=positive)
     translate: bool = True  # random placement on the canvas, train split only (one example per variant stays at 0,0)
     seed: int = 42  # data seed: variants and translations are pure functions of it (the reference's 42)
-    max_test_puzzles: int | None = attrs.field(default=None, validator=_positive)  # first K test tasks by id (demos too)
-    max_train_puzzles_per_subset: int | None = attrs.field(default=None, validator=_positive)  # first K tasks of each train subset
+    max_test_puzzles: int | None = attrs.field(default=None, validator=positive)  # first K test tasks by id (demos too)
+    max_train_puzzles_per_subset: int | None = attrs.field(default=None, validator=positive)  # first K tasks of each train subset
     # A TRM/HRM-built data directory (train/, test/, identifiers.json, test_puzzles.json) to train
     # and evaluate from instead; the source and augmentation options above are then ignored.
     reference_dir: str | None = None
@@ -64,8 +56,6 @@ class ArcTask:
         self._splits: dict = {}
         start = time.perf_counter()
         if config.reference_dir is not None:
-            from .reference_layout import ReferenceLayout
-
             self._reference = ReferenceLayout(Path(config.reference_dir), seed=config.seed, max_test_puzzles=config.max_test_puzzles)
             self.corpus = None
             num_ids = self._reference.num_ids
