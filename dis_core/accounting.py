@@ -2,7 +2,7 @@
 
 A *network call* is one application of the shared network (L_layers blocks). A supervision step
 costs `calls` forward calls, of which `grad_calls` are back-propagated (backward ≈ 2x forward).
-Embeddings and heads are ignored, as in reference_behaviour.md §7.
+Embeddings and heads are ignored, as in docs/reference.md#compute-accounting.
 """
 
 from __future__ import annotations

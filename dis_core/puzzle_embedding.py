@@ -13,7 +13,7 @@ backward pass leaves the gradient there (B rows, not a table-sized gradient). `s
   3. for those rows only: w <- w * (1 - lr * wd) - lr * sign(g)   (decoupled weight decay).
 Every rank computes the update from the same gathered data, and rank 0 broadcasts its new rows
 so that the replicated tables stay bit-identical (TRM's `CastedSparseEmbeddingSignSGD_Distributed`,
-reference_behaviour.md §3, minus its reliance on identical float summation order).
+docs/reference.md#sparse-puzzle-embedding, minus its reliance on identical float summation order).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# --- parameter counts (reference_behaviour.md §2), built on the meta device: no memory, no init
+# --- parameter counts (docs/reference.md#parameter-count), built on the meta device: no memory, no init
 
 
 MEDIUM = dict(hidden_size=512, num_layers=2, num_heads=8)  # TRM's D 512, 2 layers

@@ -1,4 +1,4 @@
-"""Halting strategies: `fixed` and TRM's learned `act` (reference_behaviour.md §3)."""
+"""Halting strategies: `fixed` and TRM's learned `act` (docs/reference.md#act-halting-and-the-carry)."""
 
 import math
 

@@ -1,6 +1,6 @@
 """ARC grids <-> token canvases, the 8 dihedral transforms, and the evaluator's crop.
 
-Tokens (the reference encoding, reference_behaviour.md §5.1): PAD 0, EOS 1, colour c -> c + 2.
+Tokens (the reference encoding, docs/reference.md#tokens-and-canvas): PAD 0, EOS 1, colour c -> c + 2.
 A grid of shape (h, w) placed at (r0, c0) on the 30x30 canvas is followed by an EOS row at
 row r0+h over its columns and an EOS column at column c0+w over its rows, each only where it
 fits; the diagonal corner (r0+h, c0+w) stays PAD.

@@ -1,6 +1,6 @@
 """The `arc` evaluator: undo each augmentation, vote over all variants of a test pair, pass@K.
 
-Per test row (reference_behaviour.md §6): crop the last step's prediction at the first PAD/EOS
+Per test row (docs/reference.md#arc-evaluation): crop the last step's prediction at the first PAD/EOS
 (the maximal-area rule), apply the inverse dihedral and the inverse colour map, and add one
 vote for that grid under (test task, test pair), with confidence sigmoid(q_halt). Candidates
 are ranked by (votes, mean confidence), ties by first appearance. A pair passes at K when its
