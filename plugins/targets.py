@@ -44,7 +44,7 @@ class RevealPath:
 
     A cell whose label is IGNORE (output padding) counts as differing from its input. While
     unrevealed its target is the input token and it is supervised; once revealed its target is
-    IGNORE and it leaves the loss. This is what the reference does (reference_behaviour.md §4.1).
+    IGNORE and it leaves the loss. This is what the reference does (docs/reference.md#dis-targets).
     """
 
     monotone = True

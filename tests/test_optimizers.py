@@ -1,4 +1,4 @@
-"""AdamATan2 against its formula, step by step (reference_behaviour.md §3), and the factories."""
+"""AdamATan2 against its formula, step by step (docs/reference.md#adamatan2), and the factories."""
 
 import copy
 import math

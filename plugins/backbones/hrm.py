@@ -5,7 +5,7 @@ Two separate modules, L (fast, updates z) and H (slow, updates y), 4 blocks each
     y <- H(y, z)       (once per cycle)
 over T cycles. HRM's one-step gradient: everything but the very last L- and H-update runs
 without gradient, so backprop sees exactly one L call and one H call
-(reference_behaviour.md §2 "HRM backbone differences", §3 "HRM inner step").
+(docs/reference.md#hrm-backbone).
 """
 
 from __future__ import annotations

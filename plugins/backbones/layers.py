@@ -1,7 +1,7 @@
 """Building blocks shared by the recursive backbones (`trm`, `hrm`), and `RecursiveBackbone`,
 the embedding, heads and start states around their reasoning modules.
 
-They follow the reference TRM layers number by number (reference_behaviour.md §2): LeCun
+They follow the reference TRM layers number by number (docs/reference.md#trm-backbone): LeCun
 truncated-normal init, bias-free linears, a parameter-free RMSNorm in fp32, 1-D RoPE over the
 whole sequence (prefix included), SwiGLU sized to a multiple of 256, and post-norm blocks.
 
@@ -196,7 +196,7 @@ class Reasoner(nn.Module):
 
 class InputEmbedding(nn.Module):
     """x = f_I(tokens): token embedding, puzzle prefix, [step embedding], [learned positions],
-    all times sqrt(D), in that order (reference_behaviour.md §2 and §4.1).
+    all times sqrt(D), in that order (docs/reference.md#input-embedding).
 
     The puzzle-embedding table itself lives outside the backbone (the trainer owns it and its
     sign-SGD); this module only receives the looked-up rows (B, E).

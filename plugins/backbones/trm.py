@@ -6,7 +6,8 @@ One shared network net(h, inj) = blocks(h + inj) plays both roles:
     y <- net(y, z)       (once: refine the answer)
 A supervision step runs T such cycles; the first T-1 without gradient, the last with it
 (backprop through the whole last cycle, not HRM's one-step gradient). See
-reference_behaviour.md §2-§3 (TRM) and §4.1 (DIS step embedding).
+docs/reference.md#trm-backbone, docs/reference.md#trm-training and
+docs/reference.md#dis-step-embedding.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Task `nqueens` and evaluator `nqueens`: place N non-attacking queens on an N x N board, some
 of them given.
 
-Follows the DIS builder (reference_behaviour.md §5.4): each label is one solution found by
+Follows the DIS builder (docs/reference.md#n-queens-builder): each label is one solution found by
 randomised backtracking, the input keeps num_given ~ U{min_given..max_given} of its queens.
 Tokens: PAD 0 (unused), 1 empty, 2 queen; every cell is supervised; puzzle ids are all 0.
 

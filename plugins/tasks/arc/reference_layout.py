@@ -1,4 +1,4 @@
-"""The TRM/HRM on-disk layout (reference_behaviour.md §5.2): export to it, and train from it.
+"""The TRM/HRM on-disk layout (docs/reference.md#on-disk-layout): export to it, and train from it.
 
     <dir>/identifiers.json            ["<blank>", "<task>", "<task>|||t<tid>|||<colour map>", ...]
     <dir>/test_puzzles.json           {task: {"train": [...], "test": [...]}} (the held-out tasks)
