@@ -13,6 +13,7 @@ import attrs
 from dis_core.errors import DisError, UserError
 from dis_core.interfaces import BuildContext
 from dis_core.recipe import ResolvedRecipe
+from dis_core.registry import check_built
 
 
 @attrs.define
@@ -31,12 +32,13 @@ def _call(registry, kind: str, key: str, resolved: ResolvedRecipe, ctx: BuildCon
     entry = registry.get(kind, name)
     where = "$.train.optimizer" if key == "optimizer" else f"$.{key}"
     try:
-        return entry.factory(config, attrs.evolve(ctx, component=where))
+        built = entry.factory(config, attrs.evolve(ctx, component=where))
     except DisError:
         raise
     except (ValueError, TypeError, FileNotFoundError) as exc:
         # Factories validate combinations their config class cannot (e.g. heads vs hidden size).
         raise UserError(f"{resolved.source}: cannot build {kind} {name!r} @ {where}: {exc}") from exc
+    return check_built(entry, built, where)  # the right kind of object, or a PluginError naming the plugin
 
 
 def build_components(resolved: ResolvedRecipe, registry, data_dir: Path) -> Components:

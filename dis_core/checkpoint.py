@@ -4,7 +4,12 @@ DeepSpeed saves the module and the (possibly ZeRO-partitioned) optimizer; each r
 file with what is per-rank (carry, stream position, RNG). Everything is first written under
 `.tmp-step_N/`, renamed to `step_N/` once every rank is done, and only then does the `latest`
 pointer move (an atomic file replace). A kill at any moment leaves the previous checkpoint and
-`latest` intact; `load` also falls back to the newest complete `step_N/` if `latest` is missing.
+`latest` intact; a failed write (a full disk) removes its temporary folder and says so; weights
+with NaN or inf are never written (guards.py).
+
+Resuming (`load_newest`) tries `latest`, then every other complete `step_N/`, newest first: a
+checkpoint that cannot be read (truncated, corrupted) is skipped with a warning naming it. One
+written for another model (other tensor names or shapes) stops with the tensors named.
 """
 
 from __future__ import annotations
@@ -13,30 +18,59 @@ import re
 import shutil
 from pathlib import Path
 
+import structlog
 import torch
 
 from dis_core import engine as dist_engine
+from dis_core import guards
+from dis_core.errors import CheckpointError
 from dis_core.rundir import atomic_write
 
 RANK_FILE = "dis_rank{rank}.pt"
+log = structlog.get_logger()
 
 
 def _complete(path: Path, world: int) -> bool:
     return path.is_dir() and all((path / RANK_FILE.format(rank=r)).exists() for r in range(world))
 
 
+def _tensors(ds_engine, extra: dict | None):
+    yield from ds_engine.module.state_dict().items()
+    for name, obj in (extra or {}).items():
+        if isinstance(obj, dict):
+            yield from ((f"{name}:{k}", v) for k, v in obj.items() if torch.is_tensor(v))
+
+
+def _write_failure(exc: BaseException) -> bool:
+    """An OSError, or torch's C++ writer failing (it raises RuntimeError on a full disk)."""
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower())
+
+
 def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict, extra: dict | None = None) -> Path:
     """`extra`: {file name: object} that rank 0 saves beside (e.g. the EMA weights to evaluate)."""
     rank, world = dist_engine.rank(), dist_engine.world_size()
     tmp_tag, tag = f".tmp-step_{step}", f"step_{step}"
+    guards.check_weights(_tensors(ds_engine, extra), step)  # the same weights on every rank: all raise
     if rank == 0 and (root / tmp_tag).exists():
         shutil.rmtree(root / tmp_tag)  # leftovers of a write that was killed
     dist_engine.barrier()
-    ds_engine.save_checkpoint(str(root), tag=tmp_tag, client_state=shared_state, save_latest=False)
-    torch.save(rank_state, root / tmp_tag / RANK_FILE.format(rank=rank))
-    if rank == 0:
-        for name, obj in (extra or {}).items():
-            torch.save(obj, root / tmp_tag / name)
+    try:
+        ds_engine.save_checkpoint(str(root), tag=tmp_tag, client_state=shared_state, save_latest=False)
+        torch.save(rank_state, root / tmp_tag / RANK_FILE.format(rank=rank))
+        if rank == 0:
+            for name, obj in (extra or {}).items():
+                torch.save(obj, root / tmp_tag / name)
+    except Exception as exc:
+        if not _write_failure(exc):
+            raise
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        previous = find_latest(root, world)
+        kept = f"the previous checkpoint {root / previous} is intact" if previous else "no earlier checkpoint exists"
+        reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"could not write checkpoint {tag} under {root}: {reason}; its temporary folder was removed and {kept}. "
+            f"Free space on that disk (or pass another --out) and resume with --resume"
+        ) from None
     dist_engine.barrier()
     if rank == 0:
         if (root / tag).exists():
@@ -47,24 +81,86 @@ def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict,
     return root / tag
 
 
-def find_latest(root: Path, world: int) -> str | None:
+def candidates(root: Path, world: int) -> list[str]:
+    """Complete checkpoints, most trusted first: the one `latest` names, then by step, newest first."""
+    tags = []
     pointer = root / "latest"
-    if pointer.exists():
-        tag = pointer.read_text().strip()
-        if _complete(root / tag, world):
-            return tag
+    if pointer.is_file():
+        tag = pointer.read_text(errors="replace").strip()
+        if re.fullmatch(r"step_\d+", tag) and _complete(root / tag, world):
+            tags.append(tag)
     steps = sorted(
-        (int(m.group(1)), p.name)
-        for p in root.glob("step_*")
-        if (m := re.fullmatch(r"step_(\d+)", p.name)) and _complete(p, world)
+        ((int(m.group(1)), p.name) for p in root.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name)) and _complete(p, world)),
+        reverse=True,
     )
-    return steps[-1][1] if steps else None
+    return tags + [name for _, name in steps if name not in tags]
+
+
+def find_latest(root: Path, world: int) -> str | None:
+    found = candidates(root, world)
+    return found[0] if found else None
 
 
 def load(ds_engine, root: Path, tag: str) -> tuple[dict, dict]:
-    """Restore module + optimizer into the engine; return (shared client state, this rank's state)."""
-    _, client = ds_engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    """Restore module + optimizer into the engine; return (shared client state, this rank's state).
+    Raises `CheckpointError` naming the tensors when the checkpoint belongs to another model."""
+    try:
+        _, client = ds_engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    except (RuntimeError, ValueError) as exc:
+        text = str(exc)
+        if "state_dict" in text or "parameter group" in text:
+            raise CheckpointError(_mismatch(ds_engine, root / tag, text)) from None
+        raise
     if client is None:
         raise FileNotFoundError(f"no loadable DeepSpeed checkpoint in {root / tag}")
     rank_state = torch.load(root / tag / RANK_FILE.format(rank=dist_engine.rank()), weights_only=False)
     return client, rank_state
+
+
+def load_newest(ds_engine, root: Path, world: int) -> tuple[str, dict, dict, list[str]]:
+    """Load the newest checkpoint every rank can read -> (tag, shared state, this rank's state,
+    the tags skipped). The ranks agree on each candidate, so all resume from the same one."""
+    skipped: list[str] = []
+    for tag in candidates(root, world):
+        try:
+            client, mine = load(ds_engine, root, tag)
+            reason = None
+        except CheckpointError:
+            raise
+        except Exception as exc:  # truncated or corrupted files: torch and DeepSpeed raise many kinds
+            client = mine = None
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        device = next(ds_engine.module.parameters()).device  # NCCL reduces CUDA tensors only
+        failed = dist_engine.all_reduce_sum(torch.tensor([0.0 if reason is None else 1.0], device=device)).item()
+        if not failed:
+            if skipped:
+                log.warning("resuming from an older checkpoint", checkpoint=str(root / tag), skipped=skipped)
+            return tag, client, mine, skipped
+        reason = reason or "unreadable on another rank"
+        skipped.append(tag)
+        log.warning("checkpoint cannot be loaded; trying an older one", checkpoint=str(root / tag), reason=reason)
+    if skipped:
+        raise CheckpointError(f"--resume: none of the checkpoints in {root} can be loaded (tried {', '.join(skipped)}); see the warnings above")
+    partial = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
+    hint = f" ({', '.join(partial)} lack the files of some of the {world} process(es): written by another number of processes?)" if partial else ""
+    raise CheckpointError(f"--resume: no complete checkpoint in {root}{hint}")
+
+
+def _mismatch(ds_engine, path: Path, text: str) -> str:
+    """Which tensors differ between the checkpoint at `path` and the model being resumed."""
+    head = f"checkpoint {path} was written for another model or optimizer, not the one this recipe builds"
+    files = sorted(path.glob("*model_states.pt"))
+    try:
+        saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    except Exception:  # unreadable: fall back to torch's own message
+        return f"{head}: {text.splitlines()[0][:500]}"
+    own = ds_engine.module.state_dict()
+    shapes = [f"{k} (checkpoint {list(saved[k].shape)}, model {list(v.shape)})" for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    parts = []
+    for label, names in (("shapes differ", shapes), ("missing from the checkpoint", missing), ("not in this model", unexpected)):
+        if names:
+            parts.append(f"{label}: {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
+    detail = "; ".join(parts) or text.splitlines()[0][:500]
+    return f"{head}: {detail}. Resume it with the recipe it was written with, or start a new run with another --out"

@@ -1,18 +1,23 @@
 """The `dis` command (and `dis-run`, short for `dis run`).
 
-Errors the user can fix (`UserError`) become one clear message and exit status 2; only bugs
-produce tracebacks.
+Exit statuses: 0 done; 2 a problem the user or the environment must fix (`UserError`, a broken
+plugin, an OS error such as a full disk or a read-only directory, out of memory, another rank of
+the run failing), one message and no traceback; 3 training diverged (`RunDiverged`: a non-finite
+loss or gradient; the newest checkpoint holds the last good weights); 130 interrupted. Only bugs
+produce tracebacks (status 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-from dis_core.errors import DisError, UserError
+from dis_core.errors import DisError, RecipeError, RunDiverged, UserError
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -61,32 +66,58 @@ def make_parser() -> argparse.ArgumentParser:
 def cmd_plugins(args) -> int:
     from dis_core.plugins import load_registry
 
-    entries = load_registry().entries()
+    registry = load_registry()
+    entries, broken = registry.entries(), registry.broken
     if args.json:
-        print(json.dumps([{"kind": e.kind, "name": e.name, "plugin": e.plugin, "version": e.version, "doc": e.doc} for e in entries], indent=2))
+        rows = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "version": e.version, "doc": e.doc} for e in entries]
+        # A broken plugin's components are unknown: one row for the plugin, with "broken" set.
+        rows += [{"kind": None, "name": None, "plugin": b.name, "version": b.version, "doc": "", "broken": b.error,
+                  "entry_point": b.entry_point, "distribution": b.distribution} for b in broken]
+        print(json.dumps(rows, indent=2))
         return 0
     rows = [("KIND", "NAME", "PLUGIN", "VERSION", "DESCRIPTION")]
     rows += [(e.kind, e.name, e.plugin, e.version or "-", e.doc) for e in entries]
+    rows += [("BROKEN", "?", b.name, b.version or "-", f"failed to load: {b.error}") for b in broken]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    for b in broken:
+        print(f"warning: {b.describe()} failed to load and is skipped: {b.error}", file=sys.stderr)
     return 0
+
+
+def _check_paths(args) -> None:
+    """Paths named on the command line, checked before anything is built."""
+    recipe = Path(args.recipe)
+    if recipe.is_dir():
+        raise RecipeError([f"{recipe} is a directory, not a recipe file (e.g. {recipe / 'name.toml'})"], source=str(recipe))
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is a file, not a directory; pass a directory for the prepared task data")
+    out = getattr(args, "out", None)
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file, not a directory; pass a directory path")
 
 
 def _load(args):
     from dis_core.plugins import load_registry
     from dis_core.recipe import load_recipe
 
+    _check_paths(args)
     registry = load_registry()
-    return registry, load_recipe(args.recipe, registry, args.overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for b in registry.broken:  # named once; only a recipe that needs the plugin fails
+            print(f"warning: {b.describe()} failed to load and is skipped: {b.error}", file=sys.stderr)
+    resolved = load_recipe(args.recipe, registry, args.overrides)
+    args.resolved = resolved  # for the out-of-memory message
+    return registry, resolved
 
 
 def cmd_run(args) -> int:
     registry, resolved = _load(args)
     if args.dry_run:
         return _dry_run(args, registry, resolved)
-    from dis_core.rundir import default_out, latest_run
-    from dis_core.trainer import Trainer, _per_step
+    from dis_core.rundir import default_out, latest_run, open_run_dir, release_lock
 
     out = args.out
     if args.resume and out is None:
@@ -97,17 +128,55 @@ def cmd_run(args) -> int:
         out = default_out(args.recipe)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("with several processes pass --out DIR, so every rank writes to the same run directory")
-    if not args.resume and (out / "checkpoints" / "latest").exists():
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or --out for a new directory")
+    # Lock the directory first (a second run stops here, naming the holder), then check what it holds.
+    open_run_dir(out, resume=args.resume, is_main=int(os.environ.get("RANK", "0")) == 0, command=" ".join(sys.argv))
+    try:
+        return _train(args, registry, resolved, out)
+    finally:
+        release_lock(out)
+
+
+def _train(args, registry, resolved, out: Path) -> int:
+    from dis_core.trainer import Trainer, _per_step
+
     if args.resume:
         _check_resume_recipe(out, resolved)
     trainer = Trainer(resolved, registry, out, data_dir=args.data_dir, resume=args.resume, command=" ".join(sys.argv))
-    summary = trainer.fit(registry)
+    summary = _finished_summary(trainer, out) if args.resume and trainer.step >= trainer.total_steps else None
+    if summary is not None:
+        if trainer.rank == 0:
+            print(f"{out} finished at step {trainer.step} already; nothing to do (train longer with "
+                  f"--resume --set train.steps=N)", file=sys.stderr)
+    else:
+        summary = trainer.fit(registry)
     if trainer.rank == 0:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if not _per_step(k)}
         print(json.dumps(shown, indent=2))
         print(f"run directory: {out}", file=sys.stderr)
     return 0
+
+
+def _finished_summary(trainer, out: Path) -> dict | None:
+    """The summary of a resumed run that had already reached its last step, so that resuming it
+    adds no second final evaluation. Rebuilt from the logged final evaluation when the run was
+    killed between that and writing summary.json; None if the evaluation itself is missing."""
+    from dis_core.trainer import count_params
+
+    summary_file = out / "summary.json"
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            summary = None
+        if isinstance(summary, dict) and summary.get("step") == trainer.step:
+            return summary
+    row = trainer.run.eval_row(trainer.step)
+    if row is None:
+        return None
+    summary = {"step": trainer.step, **{k: v for k, v in row.items() if k not in ("step", "split")},
+               "params": count_params(trainer.comp.backbone)}
+    trainer.run.write_json("summary.json", summary)
+    return summary
 
 
 def _check_resume_recipe(out: Path, resolved) -> None:
@@ -119,7 +188,7 @@ def _check_resume_recipe(out: Path, resolved) -> None:
     saved = tomllib.loads(saved_file.read_text())
     now = resolved.to_dict()
     # Extending a run (more steps, other intervals) is fine; changing what it trains is not.
-    allowed = {"steps", "epochs", "eval_interval", "checkpoint_interval", "log_interval", "eval_limit", "eval_batch_size"}
+    allowed = {"steps", "epochs", "eval_interval", "checkpoint_interval", "log_interval", "eval_limit", "eval_batch_size", "on_nonfinite"}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key == "train":
@@ -178,15 +247,143 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(int(os.environ.get("RANK", "0")))
     try:
         return COMMANDS[args.command](args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except DisError as exc:  # broken plugin or similar: still no traceback, but a different code
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    except RunDiverged as exc:
+        return _fail(f"{exc}", 3)
+    except DisError as exc:  # UserError and its kin, broken plugins included
+        return _fail(f"{exc}", 2)
+    except OSError as exc:
+        return _fail(os_error_message(exc), 2)
+    except MemoryError as exc:
+        return _fail(oom_message(exc, getattr(args, "resolved", None)), 2)
+    except RuntimeError as exc:
+        if _is_oom(exc):
+            return _fail(oom_message(exc, getattr(args, "resolved", None)), 2)
+        if _is_comm_failure(exc):
+            return _fail(_peer_failure_message(exc), 2, tell_peers=False)
+        _tell_peers(f"{type(exc).__name__}: {exc}")
+        raise
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
         return 130
+
+
+def _fail(message: str, status: int, *, tell_peers: bool = True) -> int:
+    rank, world = _rank_world()
+    prefix = f"rank {rank} of {world}: " if world > 1 else ""
+    print(f"error: {prefix}{message}", file=sys.stderr)
+    if tell_peers:
+        _tell_peers(message)
+    return status
+
+
+# ------------------------------------------------------------------ OS errors and memory
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line naming the path and what to do, for the OS errors users meet."""
+    path = exc.filename if exc.filename is not None else ""
+    what = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        return (f"no space left on the device while writing {path}: free some space, or put the run (--out) "
+                f"or the prepared data (--data-dir) on another disk")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what.lower()}: {path}: choose a directory you can write to (--out, --data-dir) or fix its permissions"
+    if exc.errno == errno.ENOTDIR:
+        return f"{path}: not a directory (a file is in the way of a directory dis needs)"
+    if exc.errno == errno.EISDIR:
+        return f"{path}: is a directory, where a file is expected; move it away or name the file inside it"
+    if exc.errno == errno.ENOENT:
+        return f"{path}: no such file or directory"
+    return f"{path}: {what}" if path else what
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def oom_message(exc: BaseException, resolved) -> str:
+    """Name the size that failed and the batch that asked for it; suggest a smaller micro-batch."""
+    text = str(exc)
+    m = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]?i?B)", text) or re.search(r"allocate (\d+) bytes", text)
+    size = (m.group(1) if not m.group(1).isdigit() else f"{int(m.group(1)) / 2**30:.2f} GiB") if m else "more memory than is free"
+    if resolved is None:
+        return f"out of memory (tried to allocate {size}); use a smaller batch"
+    train, world = resolved.recipe.train, _rank_world()[1]
+    micro = train.global_batch_size // world
+    eval_batch = train.eval_batch_size or train.global_batch_size
+    smaller = max(world, train.global_batch_size // 2 - (train.global_batch_size // 2) % world)
+    return (f"out of memory: tried to allocate {size} with train.global_batch_size = {train.global_batch_size} "
+            f"(a micro-batch of {micro} per process over {world}) and evaluation batches of {eval_batch}. Use a smaller "
+            f"micro-batch: --set train.global_batch_size={smaller} (or more processes), and for evaluation "
+            f"--set train.eval_batch_size={max(world, eval_batch // 2)}")
+
+
+# ------------------------------------------------------------------ several processes
+# Best effort: a rank that fails leaves its reason in the process group's key-value store (held by
+# rank 0), so that a rank whose next collective breaks can say which rank failed and why.
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _store():
+    import datetime
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    store = dist.distributed_c10d._get_default_store()
+    store.set_timeout(datetime.timedelta(seconds=5))
+    return store
+
+
+def _tell_peers(message: str) -> None:
+    try:
+        store = _store()
+        if store is not None:
+            store.set(f"dis/failed/{_rank_world()[0]}", message[:500])
+    except Exception:  # the store may be gone with rank 0
+        pass
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    if _rank_world()[1] < 2:
+        return False
+    text = str(exc)
+    return any(s in text for s in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
+def _peer_failure_message(exc: BaseException) -> str:
+    rank, world = _rank_world()
+    others = [r for r in range(world) if r != rank]
+    reasons: dict[int, str] = {}
+    try:
+        store = _store()
+        for r in others:
+            key = f"dis/failed/{r}"
+            if store is not None and store.check([key]):
+                reasons[r] = store.get(key).decode("utf-8", "replace")
+    except Exception:
+        pass
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if reasons:
+        said = "; ".join(f"rank {r} failed: {why}" for r, why in sorted(reasons.items()))
+        return f"stopped because another process of the run failed. {said}"
+    who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
+    if rank != 0:
+        who += " (rank 0 holds the run's rendezvous store; if it ended, its own output says why)"
+    return (f"stopped because {who} ended without reporting an error (killed, out of memory, or started "
+            f"without a launcher and stopped): see that process's output. The collective that broke: {first}")
 
 
 def run_main() -> int:

@@ -1,7 +1,11 @@
 """Typed errors. The library raises these; only the CLI turns them into messages and exit codes.
 
-Every class derives from `UserError` when the cause is something the user can fix (a recipe,
-a file, a name); those exit with status 2 and no traceback.
+Exit statuses of `dis` (docs/recipes.md, "Exit statuses"):
+  2  `UserError`: something the user or the environment must fix (a recipe, a file, a name, a
+     broken plugin installation, a full disk, a locked run directory); message, no traceback.
+  3  `RunDiverged`: training met a non-finite loss or gradient and stopped; the newest checkpoint
+     is the last good one.
+Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -26,16 +30,18 @@ class RecipeError(UserError):
 
 
 class UnknownComponentError(UserError):
-    def __init__(self, kind: str, name: str, available: list[str]):
-        self.kind, self.name, self.available = kind, name, sorted(available)
+    def __init__(self, kind: str, name: str, available: list[str], broken: list[str] = ()):
+        self.kind, self.name, self.available, self.broken = kind, name, sorted(available), list(broken)
         avail = ", ".join(self.available) or "(none installed)"
+        # Which names a plugin that failed to load would have provided is unknowable: name them all.
+        note = "".join(f"; {line}" for line in self.broken)
         super().__init__(
             f"unknown {kind} {name!r}; available {kind}s: {avail} "
-            f"(run 'dis plugins' to see every component and the plugin that provides it)"
+            f"(run 'dis plugins' to see every component and the plugin that provides it){note}"
         )
 
 
-class DuplicateComponentError(DisError):
+class DuplicateComponentError(UserError):
     def __init__(self, kind: str, name: str, first: str, second: str):
         self.kind, self.name, self.first, self.second = kind, name, first, second
         super().__init__(
@@ -43,8 +49,9 @@ class DuplicateComponentError(DisError):
         )
 
 
-class PluginError(DisError):
-    """A plugin is broken (bad hook name, bad registration). Raised at start-up."""
+class PluginError(UserError):
+    """A plugin is broken (bad hook name, bad registration, a factory returning the wrong kind of
+    object). The user fixes it by repairing or uninstalling the plugin, so it exits with status 2."""
 
 
 class DataError(UserError):
@@ -53,3 +60,19 @@ class DataError(UserError):
 
 class CapabilityError(UserError):
     """A recipe asks a component for something it does not offer (e.g. solver edits)."""
+
+
+class RunDirError(UserError):
+    """The run directory cannot be used: locked by another run, holds another run, not writable."""
+
+
+class CheckpointError(UserError):
+    """No checkpoint can be loaded (or one cannot be written); names the files or tensors."""
+
+
+class RunDiverged(DisError):
+    """A non-finite loss or gradient norm: training stopped before the bad update (exit status 3)."""
+
+    def __init__(self, message: str, *, step: int):
+        self.step = step
+        super().__init__(message)

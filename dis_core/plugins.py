@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import sys
+import traceback
 
+import attrs
 import pluggy
 
 from dis_core import hookspecs
@@ -14,25 +16,105 @@ from dis_core.errors import PluginError
 ENTRY_POINT_GROUP = "dis"
 
 
-def make_plugin_manager(*, load_entry_points: bool = True, extra_plugins: tuple = ()) -> pluggy.PluginManager:
+@attrs.frozen
+class BrokenPlugin:
+    """An installed plugin that failed to load or register; the others are used without it."""
+
+    name: str  # the entry point's name, which is the plugin's name
+    entry_point: str  # "name = module:attr"
+    distribution: str  # "package version", or "unknown distribution"
+    version: str | None
+    error: str  # "ModuleNotFoundError: No module named 'x' (at file.py:3)"
+
+    def describe(self) -> str:
+        return f"plugin {self.name!r} (entry point `{self.entry_point}` of distribution {self.distribution})"
+
+
+class DisPluginManager(pluggy.PluginManager):
+    """pluggy's manager, plus the entry-point plugins that are installed but broken."""
+
+    def __init__(self, project_name: str):
+        super().__init__(project_name)
+        self.broken: list[BrokenPlugin] = []
+        self.entry_point_names: set[str] = set()
+
+    def mark_broken(self, name: str, exc: BaseException) -> None:
+        """Record plugin `name` as broken and unregister whatever of it was registered."""
+        ep, dist = _find_entry_point(name)
+        self.broken.append(BrokenPlugin(
+            name=name,
+            entry_point=f"{name} = {ep.value}" if ep else name,
+            distribution=f"{dist.metadata['Name']} {dist.version}" if dist else "unknown distribution",
+            version=dist.version if dist else None,
+            error=_describe(exc),
+        ))
+        self.set_blocked(name)
+
+
+def _find_entry_point(name: str):
+    for dist in md.distributions():
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP and ep.name == name:
+                return ep, dist
+    return None, None
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception and the innermost frame it came from (a plugin's file and line)."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames and not isinstance(exc, pluggy.PluginValidationError):
+        last = frames[-1]
+        text += f" (at {last.filename}:{last.lineno})"
+    return text
+
+
+def _load_entry_points(pm: DisPluginManager) -> None:
+    """Every plugin of the `dis` entry-point group; one that fails to import or to validate is
+    recorded as broken (with its entry point and distribution) and the rest load without it."""
+    for dist in list(md.distributions()):
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+                continue
+            pm.entry_point_names.add(ep.name)
+            try:
+                ep.load()  # imports the module: any exception at all is the plugin's
+            except Exception as exc:
+                pm.mark_broken(ep.name, exc)
+    # Register through pluggy (which records the distributions); blocked names are skipped.
+    for _ in range(len(pm.entry_point_names) + 1):
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            return
+        except pluggy.PluginValidationError as exc:  # e.g. a hook whose argument is not `register`
+            pm.mark_broken(pm.get_name(exc.plugin) or str(exc.plugin), exc)
+        except ValueError as exc:  # one module under two entry-point names
+            raise PluginError(f"entry-point group {ENTRY_POINT_GROUP!r}: {exc}") from exc
+
+
+def make_plugin_manager(*, load_entry_points: bool = True, extra_plugins: tuple = ()) -> DisPluginManager:
     """A plugin manager with the hookspecs, every `dis` entry point, and `extra_plugins`.
 
     `check_pending()` turns a misspelled `@hookimpl` (a hook name that no spec defines) into a
-    start-up error instead of a silently ignored function.
+    start-up error instead of a silently ignored function: for `extra_plugins` an exception, for
+    an installed plugin an entry in `pm.broken` (the other plugins stay usable).
     """
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = DisPluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if load_entry_points:
-        try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {pm.get_name(exc.plugin) or exc.plugin!r} is broken: {exc}") from exc
-        except (ImportError, AttributeError) as exc:
-            raise PluginError(f"a plugin in entry-point group {ENTRY_POINT_GROUP!r} failed to load: {exc}") from exc
+        _load_entry_points(pm)
     try:
         for plugin in extra_plugins:
             pm.register(plugin)
-        pm.check_pending()
+        for _ in range(len(pm.entry_point_names) + 1):
+            try:
+                pm.check_pending()
+                break
+            except pluggy.PluginValidationError as exc:
+                name = pm.get_name(exc.plugin)
+                if name not in pm.entry_point_names:
+                    raise
+                pm.mark_broken(name, exc)
     except pluggy.PluginValidationError as exc:
         # e.g. a misspelled hook name, or a hook whose argument is not called `register`
         raise PluginError(f"plugin {pm.get_name(exc.plugin) or exc.plugin!r} is broken: {exc}") from exc

@@ -46,17 +46,22 @@ def _positive(_inst, attr, value):
         raise ValueError(f"{attr.name} must be > 0, got {value}")
 
 
+def _non_negative(_inst, attr, value):
+    if value < 0:
+        raise ValueError(f"{attr.name} must be >= 0, got {value}")
+
+
 @attrs.frozen(kw_only=True)
 class Train:
     seed: int = 0
     global_batch_size: int = attrs.field(validator=_positive)  # examples per optimizer step, all ranks together
     steps: int | None = attrs.field(default=None, validator=_positive)  # optimizer (= supervision) steps
     epochs: float | None = attrs.field(default=None, validator=_positive)  # or: passes over the train split
-    eval_interval: int = 0  # optimizer steps between evaluations; 0 = only at the end
-    checkpoint_interval: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    eval_interval: int = attrs.field(default=0, validator=_non_negative)  # optimizer steps between evaluations; 0 = only at the end
+    checkpoint_interval: int = attrs.field(default=0, validator=_non_negative)  # optimizer steps between checkpoints; 0 = only at the end
     eval_batch_size: int | None = attrs.field(default=None, validator=_positive)  # default: global_batch_size
     eval_limit: int | None = attrs.field(default=None, validator=_positive)  # evaluate only the first K test examples
-    log_interval: int = 10
+    log_interval: int = attrs.field(default=10, validator=_positive)
     # Training order: "groups" is the reference TRM/DIS one (per pass one random variant of each
     # puzzle, its examples together), "examples" shuffles single examples; "auto" = groups when the
     # task's training split declares them (ARC does), else examples. See dis_core/data.py.
@@ -64,6 +69,9 @@ class Train:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 is slow there)
     threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
     grad_clip: float = 0.0  # 0 = off (the reference does not clip)
+    # A non-finite loss or gradient norm: "stop" the run (exit status 3, the newest checkpoint is
+    # the last good one) or "skip" the update and its batch (see dis_core/guards.py).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     # Sparse puzzle-embedding table (used when the backbone has puzzle_emb_ndim > 0): sign-SGD with
     # decoupled weight decay at its own learning rate, on the same warm-up schedule.
     puzzle_emb_lr: float = 1e-2

@@ -20,7 +20,7 @@ import attrs
 import structlog
 import torch
 
-from dis_core import checkpoint
+from dis_core import checkpoint, guards
 from dis_core import engine as dist
 from dis_core.accounting import Ledger, StepCost, per_example
 from dis_core.build import Components, build_components
@@ -89,6 +89,7 @@ class Trainer:
         if self.device.type == "cpu" and self.train_cfg.threads:
             torch.set_num_threads(self.train_cfg.threads)
         self.run = RunDir(out, is_main=self.rank == 0)
+        self.run.lock()  # reliability: one run per directory (rundir.py); a no-op when the CLI holds it
         self.precision = dist.resolve_precision(self.train_cfg.precision, self.device)
 
         torch.manual_seed(self.train_cfg.seed)  # identical initial weights on every rank
@@ -142,6 +143,8 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.command = command
         self.resumed_from = None
+        # reliability: non-finite loss/gradient check after each backward (guards.py)
+        self.guard = guards.NonFiniteGuard(self.train_cfg.on_nonfinite, checkpoints=self.run.checkpoints)
         if resume:
             self._resume()
 
@@ -156,10 +159,8 @@ class Trainer:
         return max(1, math.ceil(self.train_cfg.epochs * per_epoch))
 
     def _resume(self) -> None:
-        tag = checkpoint.find_latest(self.run.checkpoints, self.world)
-        if tag is None:
-            raise UserError(f"--resume: no complete checkpoint in {self.run.checkpoints}")
-        shared, mine = checkpoint.load(self.engine, self.run.checkpoints, tag)
+        # reliability: the newest loadable checkpoint; unreadable newer ones are skipped and named
+        tag, shared, mine, _skipped = checkpoint.load_newest(self.engine, self.run.checkpoints, self.world)
         self.step = shared["step"]
         self.ledger = Ledger(**shared["ledger"])
         self.ledger.examples = mine["examples"]
@@ -262,6 +263,13 @@ class Trainer:
 
         loss, y, z, logits, q, ce = self.engine(c.y, c.z, c.tokens, step_idx, targets, c.batch["labels"], c.batch["inputs"], emb)
         self.engine.backward(loss)
+        # reliability (guards.py): a non-finite loss or gradient stops the run before the update, or
+        # with train.on_nonfinite = "skip" drops the update and refills every slot with fresh examples.
+        if not self.guard.check_step(self.step, loss, guards.grads_of(self.engine.module, self.puzzle_emb)):
+            guards.drop_update(self.engine, self.puzzle_emb)
+            self.carry.halted[:] = True
+            self.ledger.add_step(self.cost, slots=self.train_cfg.global_batch_size, fresh=fresh)
+            return {"_stats": torch.zeros(6), "lr": self.base_lrs[0] * scale}
         self.engine.step()
         if self.puzzle_emb is not None:
             self.puzzle_emb.step(self.train_cfg.puzzle_emb_lr * scale, self.train_cfg.puzzle_emb_weight_decay)
@@ -291,7 +299,8 @@ class Trainer:
     def _reduce_train(self, acc: torch.Tensor, lr: float) -> dict[str, float]:
         acc = dist.all_reduce_sum(acc.clone())
         loss_sum, slots, acc_sum, exact_sum, steps_sum, done = acc.tolist()
-        out = {"train/loss": loss_sum / max(slots, 1), "train/lr": lr, "train/epoch": self.stream.epochs_done()}
+        # reliability: NaN when every step of the interval was skipped as non-finite (guards.py)
+        out = {"train/loss": loss_sum / slots if slots else float("nan"), "train/lr": lr, "train/epoch": self.stream.epochs_done()}
         if done:
             out |= {"train/accuracy": acc_sum / done, "train/exact_accuracy": exact_sum / done, "train/steps": steps_sum / done}
         return out

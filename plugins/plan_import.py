@@ -211,6 +211,8 @@ def build_plan_import(config: PlanImportConfig, ctx) -> PlanImport:
     """Targets from an external planner's JSONL file (docs/plan_format.md), with a fallback."""
     path = Path(config.path).expanduser()
     path = path if path.is_absolute() else Path.cwd() / path
+    if path.is_dir():
+        raise UserError(f"{ctx.component or 'target_generator plan_import'}: plan file {path} is a directory, not a JSONL file")
     if not path.is_file():
         raise UserError(f"{ctx.component or 'target_generator plan_import'}: plan file {path} not found")
     if ctx.task is None or ctx.spec is None:

@@ -33,6 +33,18 @@ class ProbeConfig:
     width: int = 1
 
 
+class _Stub(SimpleNamespace):
+    """A stand-in with every method a component Protocol names (build_components checks them)."""
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
 class Probe:
     """Implements all six hooks; each registers a component named `probe` whose factory records
     (kind, config, ctx) and returns a stand-in good enough for `build_components`."""
@@ -53,23 +65,23 @@ class Probe:
 
     @hookimpl
     def register_tasks(self, register):
-        register("probe", ProbeConfig, self._factory("task", lambda ctx: SimpleNamespace(spec=TaskSpec(vocab_size=3, seq_len=4))))
+        register("probe", ProbeConfig, self._factory("task", lambda ctx: _Stub(spec=TaskSpec(vocab_size=3, seq_len=4))))
 
     @hookimpl
     def register_backbones(self, register):
-        register("probe", ProbeConfig, self._factory("backbone", lambda ctx: SimpleNamespace()))
+        register("probe", ProbeConfig, self._factory("backbone", lambda ctx: _Stub()))
 
     @hookimpl
     def register_target_generators(self, register):
-        register("probe", ProbeConfig, self._factory("target_generator", lambda ctx: SimpleNamespace(monotone=True)))
+        register("probe", ProbeConfig, self._factory("target_generator", lambda ctx: _Stub(monotone=True)))
 
     @hookimpl
     def register_halting_strategies(self, register):
-        register("probe", ProbeConfig, self._factory("halting", lambda ctx: SimpleNamespace(max_steps=ctx.n_sup)))
+        register("probe", ProbeConfig, self._factory("halting", lambda ctx: _Stub(max_steps=ctx.n_sup)))
 
     @hookimpl
     def register_evaluators(self, register):
-        register("probe", ProbeConfig, self._factory("evaluator", lambda ctx: SimpleNamespace()))
+        register("probe", ProbeConfig, self._factory("evaluator", lambda ctx: _Stub()))
 
     @hookimpl
     def register_optimizers(self, register):

