@@ -15,7 +15,6 @@ import torch
 
 from dis_core import hookimpl
 from dis_core.errors import CapabilityError
-from dis_core.reveal import ranked_reveal  # noqa: F401  TEMPORARY: sudoku/maze still import it from here
 
 # Generators that need nothing from the task, named in the capability error.
 TASK_AGNOSTIC = ("reveal_path", "mask", "random_replace", "final")

@@ -8,15 +8,8 @@ import torch
 
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import BuildContext, EvalRecord
-from dis_plugins.tasks.sudoku import (
-    Geometry,
-    SudokuConfig,
-    build_sudoku,
-    build_sudoku_evaluator,
-    make_puzzle,
-    solve,
-    valid_grids,
-)
+from dis_plugins.tasks.sudoku import SudokuConfig, build_sudoku, build_sudoku_evaluator
+from dis_plugins.tasks.sudoku_puzzles import Geometry, make_puzzle, solve, valid_grids
 
 # A known 9x9 puzzle (unique solution) and its solution.
 Q9 = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"

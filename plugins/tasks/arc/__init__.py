@@ -2,7 +2,8 @@
 
 Modules: sources (subsets, validation, leak check), encoding (tokens, dihedral transforms,
 crop), augment (deduplicated variants, counter hashing), dataset (on-the-fly splits), task
-(config and Task), reference_layout (TRM/HRM `.npy` directories, read and write), evaluator.
+(config and Task), reference_layout (TRM/HRM `.npy` directories, read and write), evaluator,
+__main__ (`python -m dis_plugins.tasks.arc`: export to the TRM/HRM layout).
 ConceptARC (MIT, see data/conceptarc/LICENSE) ships in data/conceptarc/.
 """
 

@@ -1,0 +1,179 @@
+"""The import layering, read from the source with `ast` (nothing is imported):
+
+- `dis_core` never imports the builtin plugins (`dis_plugins`, the `plugins/` directory);
+- a plugin module imports `dis_core` and its own plugin only: a module of a plugin package
+  (`plugins/tasks/arc/`) the rest of that package, a task module a helper module of its own
+  task (`tasks/sudoku.py` -> `tasks/sudoku_*.py`), and a backbone or a task the helper its
+  family shares (`SHARED`); never another plugin. Anything else several plugins need belongs in
+  `dis_core`, where third-party plugins can use it too;
+- no import circles among the `dis_core` modules, nor among the plugin modules.
+
+Only imports that run when a module is loaded count (module level, class bodies, top-level
+`if`/`try`; not `if TYPE_CHECKING:`). An import inside a function runs when the function is
+called, after every module has finished loading, so it cannot take part in an import-time
+circle, and a few are deliberate: the CLI imports heavy modules only for the command that needs
+them. Such an import can still reach into another plugin, which this test does not see.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from pathlib import Path
+
+from conftest import ROOT
+
+SOURCES = {"dis_core": ROOT / "dis_core", "dis_plugins": ROOT / "plugins"}  # import name -> directory
+# Helpers a family of builtin plugins shares: package -> modules every module directly in it may use.
+SHARED = {
+    "dis_plugins.backbones": ("dis_plugins.backbones.layers",),  # the blocks of trm and hrm
+    "dis_plugins.tasks": ("dis_plugins.tasks.bank_cache",),  # the generated tasks' on-disk cache
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for name, directory in SOURCES.items():
+        for path in sorted(directory.rglob("*.py")):
+            parts = [name, *path.relative_to(directory).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _load_time_nodes(tree: ast.AST):
+    """The nodes that run when the module is imported: skip function bodies and TYPE_CHECKING."""
+    todo = list(ast.iter_child_nodes(tree))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        yield node
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def imports(module: str, *, load_time: bool = True) -> set[str]:
+    """The project modules `module` imports (a package counts as its __init__)."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in _load_time_nodes(tree) if load_time else ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for target in targets:
+            if target == "plugins" or target.startswith("plugins."):  # the directory's name for dis_plugins
+                target = "dis_" + target
+            if target in MODULES and target != module:
+                found.add(target)
+    return found
+
+
+def _plugin_packages() -> list[str]:
+    """Entry points that name a package (`dis_plugins.tasks.arc`): one plugin, many modules."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["dis"].values()
+    return [m for m in declared if MODULES.get(m, Path()).name == "__init__.py"]
+
+
+def _may_import(module: str, target: str, packages: list[str]) -> bool:
+    if target.startswith("dis_core"):
+        return True
+    for package in packages:
+        if module == package or module.startswith(package + "."):
+            return target == package or target.startswith(package + ".")
+    parent = module.rpartition(".")[0]
+    if target in SHARED.get(parent, ()):
+        return True
+    return parent == "dis_plugins.tasks" and target.startswith(module + "_")  # a helper of this task
+
+
+def _cycles(nodes: list[str]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), over load-time imports."""
+    graph = {m: sorted(t for t in imports(m) if t in nodes) for m in nodes}
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in nodes:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_module_list_is_complete():
+    assert {"dis_core.reveal", "dis_plugins.targets", "dis_plugins.tasks.arc.task", "dis_plugins.backbones.layers"} <= set(MODULES)
+    assert "dis_plugins.tasks.arc" in _plugin_packages()
+
+
+def test_core_never_imports_the_builtin_plugins():
+    # Function-level imports included: the core must run without `dis_plugins` installed.
+    for module in MODULES:
+        if module.startswith("dis_core"):
+            reached = {t for t in imports(module, load_time=False) if t.startswith("dis_plugins")}
+            assert not reached, f"{MODULES[module]} imports {sorted(reached)}"
+
+
+def test_plugins_import_only_the_core_and_their_own_plugin():
+    packages = _plugin_packages()
+    breaches = [
+        f"{MODULES[m].relative_to(ROOT)} imports {t}"
+        for m in MODULES if m.startswith("dis_plugins")
+        for t in sorted(imports(m)) if not _may_import(m, t, packages)
+    ]
+    assert not breaches, "plugins must import dis_core and their own plugin only:\n" + "\n".join(breaches)
+
+
+def test_no_import_circles():
+    for layer in ("dis_core", "dis_plugins"):
+        cycles = _cycles([m for m in MODULES if m.split(".")[0] == layer])
+        assert not cycles, f"import circles among {layer} modules: {cycles}"
+
+
+def test_the_checks_see_a_breach_and_a_circle(tmp_path, monkeypatch):
+    # The rules above pass on this tree; make sure they would not pass vacuously.
+    for name, text in {"a": "from dis_core import b\n", "b": "import dis_core.a\n",
+                       "c": "def f():\n    from dis_plugins import targets\n"}.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    fake = {**MODULES, **{f"dis_core.{n}": tmp_path / f"{n}.py" for n in "abc"}}
+    monkeypatch.setattr(sys.modules[__name__], "MODULES", fake)
+    assert _cycles(["dis_core.a", "dis_core.b"]) == [["dis_core.a", "dis_core.b"]]
+    assert imports("dis_core.c", load_time=False) == {"dis_plugins", "dis_plugins.targets"} and not imports("dis_core.c")
+    assert not _may_import("dis_plugins.tasks.sudoku", "dis_plugins.solver_edits", [])
+    assert _may_import("dis_plugins.tasks.sudoku", "dis_plugins.tasks.sudoku_puzzles", [])
+    assert _may_import("dis_plugins.tasks.arc.task", "dis_plugins.tasks.arc.encoding", ["dis_plugins.tasks.arc"])
+    assert not _may_import("dis_plugins.tasks.arc.task", "dis_plugins.tasks.nqueens", ["dis_plugins.tasks.arc"])
