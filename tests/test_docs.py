@@ -5,18 +5,26 @@
 3. every field of the recipe classes is documented in docs/recipes.md, with its default;
 4. every builtin component is documented in docs/recipes.md, with each config field and default;
 5. the examples run: the tutorial's example package installs with pip and its recipe runs, and
-   the code in the tutorials is quoted verbatim from the example packages. (The plugin modules
-   of docs/hooks.md are run by tests/test_hooks.py, which may train in-process: a process group
-   started here would leak its launcher variables into the later subprocess tests.)
+   the code in the tutorials is quoted verbatim from the example packages, each Python block
+   with the imports it uses. (The plugin modules of docs/hooks.md are run by
+   tests/test_hooks.py, which may train in-process: a process group started here would leak its
+   launcher variables into the later subprocess tests.)
+6. the docs stand on their own: nothing cites a file outside the repository, every
+   `docs/<file>.md#<section>` citation names a heading that exists, and every key a run writes
+   to metrics.jsonl is documented in docs/outputs.md.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import inspect
 import json
 import os
 import re
+import runpy
 import subprocess
+import symtable
 import sys
 import tomllib
 from pathlib import Path
@@ -180,15 +188,172 @@ def test_task_tutorial_package_installs_and_its_recipe_runs(tmp_path):
     provided = {(p["kind"], p["name"]): (p["plugin"], p["version"]) for p in info["plugins"]}
     assert provided[("task", "parity")] == provided[("evaluator", "parity")] == ("parity", "0.1.0")
     assert info["targets_report"]["monotone_share"] == 1.0 and info["targets_report"]["final_distance"] == 0.0
+    _check_outputs_documented(out, third_party={"parity"})
 
 
-@pytest.mark.parametrize(
-    "tutorial, package",
-    [("tutorial_target_generator.md", "dis-row-sweep"), ("tutorial_task.md", "dis-task-parity")],
-)
+TUTORIALS = [("tutorial_target_generator.md", "dis-row-sweep"), ("tutorial_task.md", "dis-task-parity")]
+
+
+def _blocks(tutorial: str, *langs: str) -> list[tuple[str, str]]:
+    return [(lang, code) for lang, code in FENCE.findall((DOCS / tutorial).read_text()) if lang in langs]
+
+
+def _imports(code: str) -> set[tuple[str | None, str, str | None]]:
+    """(module, name, alias) of every import in the code; `import x` gives (None, x, alias)."""
+    out = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            out |= {(None, a.name, a.asname) for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            out |= {(node.module, a.name, a.asname) for a in node.names}
+    return out
+
+
+def _split_imports(code: str) -> tuple[str, str]:
+    """A block's leading import statements, and the code after them."""
+    end = 0
+    for node in ast.parse(code).body:
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            break
+        end = node.end_lineno
+    lines = code.splitlines()
+    return "\n".join(lines[:end]), "\n".join(lines[end:])
+
+
+def _free_names(code: str) -> set[str]:
+    """Global names the code reads, at module level or inside the functions and classes it
+    defines, that it does not bind itself (builtins left out)."""
+    top = symtable.symtable(code, "<block>", "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    used: set[str] = set()
+
+    def walk(table):
+        used.update(s.get_name() for s in table.get_symbols() if s.is_referenced() and (table is top or s.is_global()))
+        for child in table.get_children():
+            walk(child)
+
+    walk(top)
+    return used - bound - set(dir(builtins))
+
+
+def _defined(code: str) -> set[str]:
+    """Names the code defines at module level (imports excluded)."""
+    return {s.get_name() for s in symtable.symtable(code, "<block>", "exec").get_symbols() if s.is_assigned() and not s.is_imported()}
+
+
+@pytest.mark.parametrize("tutorial, package", TUTORIALS)
 def test_tutorial_code_is_quoted_from_the_example_package(tutorial, package):
-    sources = "\n".join(p.read_text() for p in (EXAMPLES / package).iterdir() if p.suffix in (".py", ".toml"))
-    blocks = [(lang, code) for lang, code in FENCE.findall((DOCS / tutorial).read_text()) if lang in ("python", "toml")]
+    files = [p for p in (EXAMPLES / package).iterdir() if p.suffix in (".py", ".toml")]
+    sources = "\n".join(p.read_text() for p in files)
+    package_imports = set().union(*(_imports(p.read_text()) for p in files if p.suffix == ".py"))
+    blocks = _blocks(tutorial, "python", "toml")
     assert blocks, f"{tutorial} quotes no code"
     for lang, code in blocks:
-        assert code.strip() in sources, f"{tutorial}: this {lang} block is not quoted verbatim from {package}:\n{code}"
+        head, body = _split_imports(code) if lang == "python" else ("", code)
+        assert body.strip() in sources, f"{tutorial}: this {lang} block is not quoted verbatim from {package}:\n{code}"
+        extra = _imports(head) - package_imports
+        assert not extra, f"{tutorial}: this block imports {sorted(map(str, extra))}, which {package} does not:\n{code}"
+
+
+@pytest.mark.parametrize("tutorial, package", TUTORIALS)
+def test_tutorial_python_blocks_are_complete_with_their_imports(tutorial, package, tmp_path):
+    """A reader pastes blocks, not the package: each Python block imports what it uses (it may
+    use what earlier blocks define), and the blocks pasted in order are a module that runs and
+    defines everything the package module does."""
+    blocks = [code for _, code in _blocks(tutorial, "python")]
+    defined: set[str] = set()
+    for code in blocks:
+        missing = _free_names(code) - defined
+        assert not missing, f"{tutorial}: this block uses {sorted(missing)} without importing or defining them first:\n{code}"
+        defined |= _defined(code)
+    pasted = tmp_path / "pasted.py"
+    pasted.write_text("\n\n\n".join(blocks))
+    namespace = runpy.run_path(str(pasted))
+    for module in (EXAMPLES / package).glob("*.py"):
+        assert _defined(module.read_text()) <= set(namespace), (
+            f"{tutorial} leaves out {sorted(_defined(module.read_text()) - set(namespace))} of {module.name}"
+        )
+
+
+def test_a_literal_choice_reports_the_choices_and_the_key():
+    """What tutorial_target_generator.md promises for a `typing.Literal` config field."""
+    from dis_core.config import structure
+
+    module = runpy.run_path(str(EXAMPLES / "dis-row-sweep" / "dis_row_sweep.py"))
+    _, errors = structure({"direction": "sideways"}, module["RowSweepConfig"], "$.targets.config")
+    assert errors == ["invalid value (expected one of 'forward', 'backward') @ $.targets.config.direction"]
+    assert errors[0] in (DOCS / "tutorial_target_generator.md").read_text()
+
+
+# ---------------------------------------------------------------------------- 6: self-contained
+
+
+def _tracked_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    return [ROOT / name for name in listed.stdout.decode().split("\0") if name and not name.startswith(".ci/")]
+
+
+def test_no_tracked_file_cites_a_file_outside_the_repository():
+    # Spelled in pieces so that this file does not match itself.
+    outside = [b"reference_" + b"behaviour.md", b"../" + b"shared/"]
+    found = [
+        f"{path.relative_to(ROOT)}: {needle.decode()}"
+        for path in _tracked_files() if path.is_file()
+        for needle in outside if needle in path.read_bytes()
+    ]
+    assert not found, "these files cite documents outside the repository (cite docs/reference.md instead):\n" + "\n".join(found)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_cited_docs_section_exists():
+    anchors = {p.name: {_slug(h) for h in re.findall(r"^#+ (.*)$", _prose(p.read_text()), re.M)} for p in DOCS.glob("*.md")}
+    cited = re.compile(r"docs/([\w.-]+\.md)#([\w-]+)")
+    linked = re.compile(r"\]\(([\w.-]+\.md)?#([\w-]+)\)")  # Markdown links inside docs/
+    broken = []
+    for path in _tracked_files():
+        if path.suffix not in (".py", ".toml", ".md") or not path.is_file():
+            continue
+        text = path.read_text()
+        refs = [(m.group(1), m.group(2)) for m in cited.finditer(text)]
+        if path.parent == DOCS:
+            refs += [(m.group(1) or path.name, m.group(2)) for m in linked.finditer(text)]
+        broken += [f"{path.relative_to(ROOT)}: {doc}#{anchor}" for doc, anchor in refs if anchor not in anchors.get(doc, set())]
+    assert not broken, "these citations name no heading:\n" + "\n".join(broken)
+
+
+def _documented_outputs() -> set[str]:
+    """The keys docs/outputs.md gives a row in its metrics.jsonl and summary.json sections:
+    two-column rows name keys, three-column rows name an evaluator (blank: the one above) and
+    one of its metrics."""
+    sections = _sections((DOCS / "outputs.md").read_text(), 2)
+    keys, evaluator = set(), ""
+    for body in (sections["`metrics.jsonl`"], sections["`summary.json`"]):
+        for line in body.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 2:
+                keys |= set(re.findall(r"`([^`]+)`", cells[0]))
+            elif len(cells) == 3 and re.fullmatch(r"`[\w@]+`", cells[1]):
+                evaluator = cells[0].strip("`") or evaluator
+                keys.add(f"{evaluator}/{cells[1].strip('`')}")
+    return keys
+
+
+def _check_outputs_documented(run_dir: Path, third_party: set[str]) -> None:
+    """Every key of the run's metrics.jsonl and summary.json is documented in docs/outputs.md
+    (`hamming@3` as `hamming@s`, `pass@2` as `pass@K`), except third-party evaluators' metrics."""
+    documented = _documented_outputs()
+    keys = set(json.loads((run_dir / "summary.json").read_text()))
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        keys |= set(json.loads(line))
+    undocumented = [
+        key for key in sorted(keys)
+        if key.split("/")[0] not in third_party
+        and not {key, re.sub(r"@\d+$", "@s", key), re.sub(r"@\d+$", "@K", key)} & documented
+    ]
+    assert not undocumented, f"docs/outputs.md does not document these keys: {undocumented}"

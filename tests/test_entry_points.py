@@ -25,7 +25,7 @@ def test_installed_plugin_is_discovered_and_runs(tmp_path):
 
     recipe = tiny_recipe(tmp_path, targets="row_sweep", steps=3)
     run = subprocess.run(
-        [sys.executable, "-m", "dis_core.cli", "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "targets.config.reverse=true"],
+        [sys.executable, "-m", "dis_core.cli", "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "targets.config.direction=backward"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]

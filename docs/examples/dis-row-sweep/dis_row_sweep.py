@@ -1,10 +1,11 @@
 """Target generator `row_sweep`: intermediate answers that fix the wrong cells in reading order.
 
-Step s of N shows y* on the first ceil(s * k / N) cells (in row-major order) where the question
-differs from y*, and the question everywhere else. Deterministic, and monotone by construction.
+Step s of N shows y* on the first ceil(s * k / N) cells (in row-major order, or from the end with
+`direction = "backward"`) where the question differs from y*, and the question everywhere else.
+Deterministic, and monotone by construction.
 """
 
-from __future__ import annotations
+from typing import Literal
 
 import attrs
 import torch
@@ -15,7 +16,8 @@ from dis_core.interfaces import IGNORE
 
 @attrs.frozen(kw_only=True)
 class RowSweepConfig:
-    reverse: bool = False  # sweep from the last cell backwards
+    # Where the sweep starts: "forward" fixes the first wrong cell first, "backward" the last.
+    direction: Literal["forward", "backward"] = "forward"
 
 
 class RowSweep:
@@ -27,10 +29,11 @@ class RowSweep:
     def __call__(self, batch, n_sup, generator):
         x, y = batch["inputs"], batch["labels"]  # (B, L) each
         differs = (x != y) & (y != IGNORE)
-        if self.config.reverse:
+        backward = self.config.direction == "backward"
+        if backward:
             differs = differs.flip(-1)
         order = differs.long().cumsum(-1)  # (B, L): 1 for the first differing cell, 2 for the next...
-        if self.config.reverse:
+        if backward:
             order = order.flip(-1)
             differs = differs.flip(-1)
         total = differs.sum(-1, keepdim=True)  # (B, 1)
