@@ -20,7 +20,7 @@ class StepCost:
     @classmethod
     def of(cls, backbone, seq_len: int, halting=None) -> "StepCost":
         calls, grad_calls = backbone.calls_per_step()
-        q_forward = bool(getattr(halting, "uses_continue_loss", False))
+        q_forward = halting is not None and halting.uses_continue_loss
         return cls(calls, grad_calls, float(backbone.flops_per_call(seq_len + backbone.prefix_len)), q_forward)
 
     @property

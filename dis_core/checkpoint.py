@@ -14,6 +14,7 @@ written for another model (other tensor names or shapes) stops with the tensors 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +29,15 @@ from dis_core.rundir import atomic_write
 
 RANK_FILE = "dis_rank{rank}.pt"
 log = structlog.get_logger()
+
+
+def params_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state: equal on every data-parallel rank (tests check it)."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _complete(path: Path, world: int) -> bool:

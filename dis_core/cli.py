@@ -137,7 +137,8 @@ def cmd_run(args) -> int:
 
 
 def _train(args, registry, resolved, out: Path) -> int:
-    from dis_core.trainer import Trainer, _per_step
+    from dis_core.metrics import is_per_step
+    from dis_core.trainer import Trainer
 
     if args.resume:
         _check_resume_recipe(out, resolved)
@@ -150,7 +151,7 @@ def _train(args, registry, resolved, out: Path) -> int:
     else:
         summary = trainer.fit(registry)
     if trainer.rank == 0:
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if not _per_step(k)}
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if not is_per_step(k)}
         print(json.dumps(shown, indent=2))
         print(f"run directory: {out}", file=sys.stderr)
     return 0
@@ -160,7 +161,7 @@ def _finished_summary(trainer, out: Path) -> dict | None:
     """The summary of a resumed run that had already reached its last step, so that resuming it
     adds no second final evaluation. Rebuilt from the logged final evaluation when the run was
     killed between that and writing summary.json; None if the evaluation itself is missing."""
-    from dis_core.trainer import count_params
+    from dis_core.runinfo import count_params
 
     summary_file = out / "summary.json"
     if summary_file.is_file():
@@ -204,7 +205,7 @@ def _dry_run(args, registry, resolved) -> int:
     import tomli_w
 
     from dis_core.build import build_components
-    from dis_core.trainer import static_figures
+    from dis_core.runinfo import static_figures
 
     comp = build_components(resolved, registry, args.data_dir)
     figures = static_figures(comp)

@@ -18,14 +18,20 @@ import copy
 import json
 import math
 import statistics
-import tomllib
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 import attrs
 
 from dis_core.errors import UserError
+from dis_core.metrics import is_per_step
 
 STEPS, EXAMPLES, CALLS, FLOPS, WALL = (
     "cost/optimizer_steps",
@@ -102,13 +108,6 @@ def _metric_order(key: str) -> tuple:
     # `hamming@9` before `hamming@10`: compare the step as a number, not as text.
     name, at, step = key.partition("@")
     return (name, int(step) if step.isdigit() else -1, step)
-
-
-def is_per_step(key: str) -> bool:
-    """`exact/hamming@3` is one point of a per-step series; `arc/pass@2` is not (as the trainer's
-    console log decides)."""
-    name, at, step = key.rpartition("/")[2].partition("@")
-    return bool(at) and step.isdigit() and name != "pass"
 
 
 def _is_number(value: Any) -> bool:

@@ -124,6 +124,7 @@ class HaltingStrategy(Protocol):
 
     max_steps: int  # no slot runs more supervision steps than this
     uses_q_head: bool  # whether q-logits feed the decision and the loss
+    uses_continue_loss: bool  # whether `continue_loss` is added (costs one more no-grad forward)
 
     def halt(self, steps: torch.Tensor, q_logits: torch.Tensor, *, training: bool, generator: torch.Generator) -> torch.Tensor:
         """steps (B,) int64 steps done so far (>= 1), q_logits (B, 2) fp32 [halt, continue]
@@ -132,6 +133,12 @@ class HaltingStrategy(Protocol):
 
     def loss(self, q_logits: torch.Tensor, seq_correct: torch.Tensor) -> torch.Tensor:
         """Per-slot halting loss (B,) fp32 (zeros when the head is unused)."""
+        ...
+
+    def continue_loss(self, q_logits: torch.Tensor, next_q_logits: torch.Tensor, is_last: torch.Tensor) -> torch.Tensor:
+        """Per-slot Q-continue loss (B,) fp32 against the bootstrapped target from
+        `next_q_logits` (B, 2), the no-grad forward of the next step; only called when
+        `uses_continue_loss`."""
         ...
 
 
@@ -145,6 +152,9 @@ class Backbone(Protocol):
 
     hidden_size: int
     prefix_len: int  # P: puzzle-embedding positions prepended to the L task positions
+    # Width E of the per-puzzle vector forward expects; 0 = none. The trainer owns the table
+    # (one row per puzzle id, sign-SGD) and passes the batch's rows.
+    puzzle_emb_ndim: int
     # The halting head (D -> 2). The trainer freezes it when the halting strategy does not use
     # it, so that no optimizer touches a head that gets no gradient.
     q_head: torch.nn.Module
@@ -159,10 +169,11 @@ class Backbone(Protocol):
         tokens: torch.Tensor,
         step: torch.Tensor,
         puzzle_emb: torch.Tensor | None = None,
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+    ) -> tuple:
         """state (y, z) each (B, S, D); tokens (B, L) int64; step (B,) int64 1-based step
         index; puzzle_emb (B, E) or None -> (new state (not detached), logits (B, L, V),
-        q_logits (B, 2) fp32)."""
+        q_logits (B, 2) fp32), optionally followed by a dict {name: (B,) per-slot loss} of
+        extra losses that the supervision step adds to the token loss (a loss on z, say)."""
         ...
 
     def calls_per_step(self) -> tuple[int, int]:

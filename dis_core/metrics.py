@@ -85,3 +85,10 @@ def final_and_ran(record: EvalRecord) -> tuple[torch.Tensor, torch.Tensor]:
     final = preds[torch.arange(preds.shape[0]), last]
     ran = torch.arange(n)[None, :] <= last[:, None]  # (B, N)
     return final, ran
+
+
+def is_per_step(key: str) -> bool:
+    """`exact/hamming@3` is one point of a per-step series (kept in metrics.jsonl, off the
+    console); `arc/pass@2` is a headline metric, not a step."""
+    name, at, step = key.rpartition("/")[2].partition("@")
+    return bool(at) and step.isdigit() and name != "pass"

@@ -131,9 +131,9 @@ PROTOCOLS: dict[str, type] = {
 
 
 def check_built(entry: Entry, obj: Any, where: str) -> Any:
-    """`obj` if it has every method of its kind's Protocol (interfaces.py), else a `PluginError`
-    naming the plugin, the component and the missing methods. Data members (`monotone`,
-    `headline`, ...) are not required here: several are optional and read with a default."""
+    """`obj` if it has every member of its kind's Protocol (interfaces.py): the methods, and the
+    attributes the core reads (`monotone`, `headline`, `puzzle_emb_ndim`, ...); else a
+    `PluginError` naming the plugin, the component and what is missing."""
     if entry.kind == "optimizer":
         if callable(obj):
             return obj
@@ -142,7 +142,9 @@ def check_built(entry: Entry, obj: Any, where: str) -> Any:
         proto = PROTOCOLS.get(entry.kind)
         if proto is None:
             return obj
-        missing = [m for m in sorted(_protocol_methods(proto)) if not callable(getattr(obj, m, None))]
+        methods, data = _protocol_members(proto)
+        missing = [m for m in sorted(methods) if not callable(getattr(obj, m, None))]
+        missing += [f"attribute {a}" for a in sorted(data) if not hasattr(obj, a)]
         if not missing and not isinstance(obj, type):
             return obj
     got = f"the class {obj.__qualname__} (not an instance of it)" if isinstance(obj, type) else (
@@ -154,11 +156,12 @@ def check_built(entry: Entry, obj: Any, where: str) -> Any:
     )
 
 
-def _protocol_methods(proto: type) -> set[str]:
-    """The methods a runtime-checkable Protocol declares (its own and inherited ones)."""
-    names = set()
+def _protocol_members(proto: type) -> tuple[set[str], set[str]]:
+    """(methods, data attributes) a runtime-checkable Protocol declares, inherited ones too."""
+    methods, data = set(), set()
     for klass in proto.__mro__:
         if klass is object or klass.__module__ == "typing":
             continue
-        names |= {n for n, v in vars(klass).items() if callable(v) and (not n.startswith("_") or n == "__call__")}
-    return names
+        methods |= {n for n, v in vars(klass).items() if callable(v) and (not n.startswith("_") or n == "__call__")}
+        data |= set(vars(klass).get("__annotations__", {}))
+    return methods, data

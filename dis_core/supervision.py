@@ -1,8 +1,17 @@
-"""One supervision step as a module (what DeepSpeed wraps), and the carry of slot states.
+"""What one supervision step means, in one place: its target, its token input, its forward (with
+or without a loss), and how the carry of slots advances. Training, evaluation and prediction all
+go through this module; the trainer only decides *when* things happen.
 
-The carry holds, per slot (batch row): the recurrent state (y, z), how many supervision steps
-the slot has run, whether it halted, its example, its per-step targets and the token input of
-its next step. A halted slot is refilled with the next example of the stream before the step.
+A step of a slot that has run s-1 steps (s is 1-based):
+  target    frame s of the slot's target path (`StepRule.target`)
+  input     the question at s = 1; afterwards the previous argmax (`step_input = "prediction"`,
+            the official DIS code) or the question again (`"question"`, TRM/HRM)  (`next_tokens`)
+  forward   backbone(state, tokens, s, puzzle row) -> new state, logits, q[, per-slot losses]
+  loss      per slot: w_s * CE(logits, target) + the backbone's extra losses + the halting
+            head's losses; the step's loss is the mean over the rank's slots (DeepSpeed then
+            averages over ranks: the reference's SUM(loss / global_batch))
+  advance   carry the new state (detached), count the step, feed the next input, ask the
+            halting strategy which slots are done (`Carry.advance`)
 """
 
 from __future__ import annotations
@@ -14,13 +23,38 @@ from torch import nn
 from dis_core.interfaces import IGNORE, Batch
 from dis_core.losses import per_sequence_ce
 
+State = tuple[torch.Tensor, torch.Tensor]
 
-def step_weight(step: torch.Tensor, n_sup: int, kind: str) -> torch.Tensor:
-    """Loss weight of each slot's step. uniform: 1 (official code: every step its own optimizer
-    step at the same scale). linear: w_s = 2s/(N+1), increasing with mean 1 (the paper)."""
-    if kind == "uniform":
-        return torch.ones_like(step, dtype=torch.float32)
-    return 2.0 * step.to(torch.float32) / (n_sup + 1)
+
+@attrs.frozen(kw_only=True)
+class StepRule:
+    """The recipe's `[supervision]` table, as behaviour."""
+
+    n_sup: int
+    step_weights: str = "uniform"  # "uniform" | "linear"
+    step_input: str = "prediction"  # "prediction" | "question"
+    loss: str = "stablemax"  # "stablemax" | "softmax"
+
+    @classmethod
+    def of(cls, supervision) -> "StepRule":
+        s = supervision
+        return cls(n_sup=s.n_sup, step_weights=s.step_weights, step_input=s.step_input, loss=s.loss)
+
+    def target(self, frames: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """frames (B, N, L), step (B,) 1-based -> (B, L): the frame of each slot's step."""
+        idx = (step.clamp(1, self.n_sup) - 1).view(-1, 1, 1).expand(-1, 1, frames.shape[-1])
+        return frames.gather(1, idx).squeeze(1)
+
+    def next_tokens(self, preds: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The token input of the next step: the argmax just made, or the question again."""
+        return preds if self.step_input == "prediction" else inputs
+
+    def weight(self, step: torch.Tensor) -> torch.Tensor:
+        """(B,) loss weight of each slot's step. uniform: 1 (the official code: every step its
+        own optimizer step at the same scale). linear: w_s = 2s/(N+1), mean 1 (the paper)."""
+        if self.step_weights == "uniform":
+            return torch.ones_like(step, dtype=torch.float32)
+        return 2.0 * step.to(torch.float32) / (self.n_sup + 1)
 
 
 def sequence_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -29,39 +63,80 @@ def sequence_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return ((logits.argmax(-1) == labels) | ~valid).all(-1)
 
 
-class SupervisedStep(nn.Module):
-    """backbone + loss. Returns the per-rank mean loss, so DeepSpeed's gradient averaging over
-    ranks gives the global per-example mean the reference gets from SUM(loss / global_batch)."""
+@attrs.define
+class StepIn:
+    """One step's inputs for B slots. `targets` is None when no loss is wanted (evaluation)."""
 
-    def __init__(self, backbone: nn.Module, halting, *, loss: str, n_sup: int, step_weights: str, step_input: str):
+    state: State  # (y, z), each (B, S, D)
+    tokens: torch.Tensor  # (B, L) int64
+    step: torch.Tensor  # (B,) int64, 1-based
+    puzzle_emb: torch.Tensor | None = None  # (B, E) rows of the puzzle table
+    targets: torch.Tensor | None = None  # (B, L) this step's target frame
+    labels: torch.Tensor | None = None  # (B, L) y*, for the halting head's "is it right" target
+    inputs: torch.Tensor | None = None  # (B, L) the question, for HRM's Q-continue forward
+
+
+@attrs.define
+class StepOut:
+    state: State  # new (y, z), not detached
+    logits: torch.Tensor  # (B, L, V)
+    q: torch.Tensor  # (B, 2) fp32 [halt, continue]
+    loss: torch.Tensor | None = None  # scalar: mean over slots of `per_slot`
+    ce: torch.Tensor | None = None  # (B,) token loss against the target, detached
+    losses: dict[str, torch.Tensor] = attrs.field(factory=dict)  # (B,) each: every per-slot term, detached
+
+
+def split_backbone_output(out) -> tuple[State, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A backbone returns (state, logits, q) or (state, logits, q, extra_losses) where
+    extra_losses maps a name to a (B,) per-slot loss added to the step's loss (a loss on z, say:
+    a backbone change, not a core change)."""
+    if len(out) == 4:
+        return out[0], out[1], out[2], dict(out[3])
+    state, logits, q = out
+    return state, logits, q, {}
+
+
+class SupervisedStep(nn.Module):
+    """backbone + loss: the module DeepSpeed wraps. forward(StepIn) -> StepOut."""
+
+    def __init__(self, backbone: nn.Module, halting, rule: StepRule):
         super().__init__()
         self.backbone = backbone
         self.halting = halting  # plain object, not a submodule
-        self.loss_kind, self.n_sup, self.step_weights, self.step_input = loss, n_sup, step_weights, step_input
+        self.rule = rule
 
-    def forward(self, y, z, tokens, step, targets, labels, inputs, puzzle_emb=None):
-        dtype = next(self.backbone.parameters()).dtype
-        if puzzle_emb is not None:
-            puzzle_emb = puzzle_emb.to(dtype)
-        (y, z), logits, q = self.backbone((y, z), tokens, step, puzzle_emb)
-        ce = per_sequence_ce(logits, targets, self.loss_kind)  # (B,)
-        total = step_weight(step, self.n_sup, self.step_weights) * ce
+    def forward(self, x: StepIn) -> StepOut:
+        emb = x.puzzle_emb
+        if emb is not None:
+            emb = emb.to(next(self.backbone.parameters()).dtype)
+        state, logits, q, extra = split_backbone_output(self.backbone(x.state, x.tokens, x.step, emb))
+        if x.targets is None:
+            return StepOut(state, logits, q)
+        ce = per_sequence_ce(logits, x.targets, self.rule.loss)  # (B,)
+        terms = {"token": self.rule.weight(x.step) * ce, **extra}
         if self.halting.uses_q_head:
             with torch.no_grad():
-                correct = sequence_correct(logits, labels).to(torch.float32)
-            total = total + self.halting.loss(q, correct)
-            if getattr(self.halting, "uses_continue_loss", False):
-                # HRM's Q-continue target: one more no-grad forward from the new state, on the
-                # input the next step would get (the reference's extra inner forward).
-                with torch.no_grad():
-                    nxt = logits.argmax(-1) if self.step_input == "prediction" else inputs
-                    _, _, next_q = self.backbone((y.detach(), z.detach()), nxt, step + 1, puzzle_emb)
-                total = total + self.halting.continue_loss(q, next_q.float(), step >= self.halting.max_steps)
-        return total.mean(), y, z, logits, q, ce.detach()
+                correct = sequence_correct(logits, x.labels).to(torch.float32)
+            terms["q_halt"] = self.halting.loss(q, correct)
+            if self.halting.uses_continue_loss:
+                terms["q_continue"] = self._continue_loss(x, state, logits, q, emb)
+        per_slot = sum(terms.values())
+        return StepOut(state, logits, q, loss=per_slot.mean(), ce=ce.detach(), losses={k: v.detach() for k, v in terms.items()})
+
+    def _continue_loss(self, x: StepIn, state: State, logits, q, emb) -> torch.Tensor:
+        """HRM's Q-continue target: one more no-grad forward from the new state, on the input
+        the next step would get (the reference's extra inner forward)."""
+        with torch.no_grad():
+            nxt = self.rule.next_tokens(logits.argmax(-1), x.inputs)
+            detached = (state[0].detach(), state[1].detach())
+            _, _, next_q, _ = split_backbone_output(self.backbone(detached, nxt, x.step + 1, emb))
+        return self.halting.continue_loss(q, next_q.float(), x.step >= self.halting.max_steps)
 
 
 @attrs.define
 class Carry:
+    """The slots' persistent state between optimizer steps, owned by the trainer."""
+
     y: torch.Tensor  # (B, S, D) answer state
     z: torch.Tensor  # (B, S, D) latent state
     steps: torch.Tensor  # (B,) int64 supervision steps run
@@ -84,7 +159,7 @@ class Carry:
             tokens=torch.zeros(batch_size, seq_len, **long),
         )
 
-    def refill(self, rows: torch.Tensor, new: Batch, targets: torch.Tensor, init: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def refill(self, rows: torch.Tensor, new: Batch, targets: torch.Tensor, init: State) -> None:
         """Put fresh examples into the slots `rows` (1-D int64) and reset their state."""
         if not self.batch:  # first fill: adopt the keys and shapes of the task's batches
             self.batch = {k: torch.zeros((len(self.steps), *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in new.items()}
@@ -97,9 +172,108 @@ class Carry:
         self.steps[rows] = 0
         self.halted[rows] = False
 
+    def step_in(self, rule: StepRule, puzzle_emb: torch.Tensor | None) -> StepIn:
+        """The inputs of every slot's next step."""
+        step = self.steps + 1
+        return StepIn(
+            state=(self.y, self.z), tokens=self.tokens, step=step, puzzle_emb=puzzle_emb,
+            targets=rule.target(self.targets, step), labels=self.batch["labels"], inputs=self.batch["inputs"],
+        )
+
+    @torch.no_grad()
+    def advance(self, out: StepOut, rule: StepRule, halting, generator: torch.Generator) -> None:
+        """After a training step: keep the new state, count the step, feed the next input,
+        and mark the slots the halting strategy ends."""
+        self.y, self.z = out.state[0].detach(), out.state[1].detach()
+        self.steps = self.steps + 1
+        self.tokens = rule.next_tokens(out.logits.argmax(-1), self.batch["inputs"])
+        self.halted = halting.halt(self.steps, out.q.detach().float(), training=True, generator=generator)
+
     def state_dict(self) -> dict:
         return attrs.asdict(self, recurse=False)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Carry":
         return cls(**state)
+
+
+@attrs.frozen
+class Rollout:
+    """What evaluation and prediction see for B examples."""
+
+    preds: torch.Tensor  # (B, N, L) argmax after each step; a halted slot repeats its answer
+    q_halt: torch.Tensor  # (B,) fp32 halting logit after the slot's last step
+    steps: torch.Tensor  # (B,) int64 steps actually run
+
+
+@torch.no_grad()
+def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzle_emb: torch.Tensor | None,
+            generator: torch.Generator | None = None, max_steps: int | None = None) -> Rollout:
+    """Run B examples from a fresh state for up to `max_steps` (default: the halting strategy's)
+    supervision steps, without loss. Evaluation, `dis eval` and prediction all use this."""
+    n_max = max_steps or halting.max_steps
+    inputs = batch["inputs"]
+    B, device = inputs.shape[0], inputs.device
+    dtype = next(backbone.parameters()).dtype
+    y, z = (t.to(device=device, dtype=dtype) for t in backbone.initial_state(B))
+    emb = puzzle_emb.to(dtype) if puzzle_emb is not None else None
+    tokens, steps = inputs, torch.zeros(B, dtype=torch.long, device=device)
+    halted = torch.zeros(B, dtype=torch.bool, device=device)
+    preds_all, q_last = [], torch.zeros(B, device=device)
+    for s in range(1, n_max + 1):
+        step = torch.full((B,), s, dtype=torch.long, device=device)
+        (y, z), logits, q, _ = split_backbone_output(backbone((y, z), tokens, step, emb))
+        live = ~halted
+        pred = logits.argmax(-1)
+        if preds_all:
+            pred = torch.where(live[:, None], pred, preds_all[-1])  # a halted slot keeps its answer
+        preds_all.append(pred)
+        q_last = torch.where(live, q[:, 0].float(), q_last)
+        steps = steps + live.long()
+        tokens = rule.next_tokens(pred, inputs)
+        halted = halted | halting.halt(steps, q.float(), training=False, generator=generator)
+        if bool(halted.all()):
+            break
+    preds = torch.stack(preds_all, 1)  # (B, steps run, L)
+    if preds.shape[1] < n_max:  # pad with the final answer so every record has N frames
+        preds = torch.cat([preds, preds[:, -1:].expand(-1, n_max - preds.shape[1], -1)], 1)
+    return Rollout(preds=preds, q_halt=q_last, steps=steps)
+
+
+@attrs.define
+class TrainStats:
+    """Training statistics summed over a rank's slots since the last log row (kept as tensors:
+    no device sync per step); `reduce` sums them over ranks into the `train/*` metrics."""
+
+    loss_sum: torch.Tensor | float = 0.0  # step loss x slots (the loss is a per-slot mean)
+    slots: torch.Tensor | float = 0.0
+    accuracy_sum: torch.Tensor | float = 0.0  # over slots that finished their example this step
+    exact_sum: torch.Tensor | float = 0.0
+    steps_sum: torch.Tensor | float = 0.0
+    finished: torch.Tensor | float = 0.0
+
+    @torch.no_grad()
+    def add(self, out: StepOut, carry: Carry) -> None:
+        done = carry.halted.float()
+        labels = carry.batch["labels"]
+        valid = labels != IGNORE
+        acc = ((out.logits.argmax(-1) == labels) & valid).sum(-1).float() / valid.sum(-1).clamp_min(1)
+        exact = sequence_correct(out.logits, labels).float()
+        self.loss_sum = self.loss_sum + out.loss.detach().float() * len(done)
+        self.slots = self.slots + len(done)
+        self.accuracy_sum = self.accuracy_sum + (acc * done).sum()
+        self.exact_sum = self.exact_sum + (exact * done).sum()
+        self.steps_sum = self.steps_sum + (carry.steps.float() * done).sum()
+        self.finished = self.finished + done.sum()
+
+    def reduce(self, all_reduce_sum) -> dict[str, float]:
+        """A collective: every rank calls it at the same step."""
+        names = [f.name for f in attrs.fields(TrainStats)]
+        values = torch.stack([torch.as_tensor(getattr(self, k), dtype=torch.float64).cpu() for k in names])
+        t = dict(zip(names, all_reduce_sum(values).tolist()))
+        # NaN when every step of the interval was skipped as non-finite (`train.on_nonfinite`).
+        out = {"train/loss": t["loss_sum"] / t["slots"] if t["slots"] else float("nan")}
+        if t["finished"]:
+            out |= {"train/accuracy": t["accuracy_sum"] / t["finished"], "train/exact_accuracy": t["exact_sum"] / t["finished"],
+                    "train/steps": t["steps_sum"] / t["finished"]}
+        return out

@@ -33,6 +33,9 @@ class FixedHalting:
     def loss(self, q_logits, seq_correct):
         return torch.zeros(q_logits.shape[0], dtype=torch.float32, device=q_logits.device)
 
+    def continue_loss(self, q_logits, next_q_logits, is_last):
+        return self.loss(q_logits, is_last)  # never called: uses_continue_loss is False
+
 
 def build_fixed(config: FixedConfig, ctx) -> FixedHalting:
     """Exactly n_sup supervision steps per example; no halting head (DIS)."""

@@ -190,9 +190,6 @@ def replay(trace: dict, tmp_path: Path):
     trainer.stream = Sequential()
 
     seen: dict = {}
-    backbone.lm_head.register_forward_hook(lambda m, i, o: seen.__setitem__("logits", o.detach().clone()))
-    backbone.q_head.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o.detach().float().clone()))
-    trainer.engine.module.register_forward_hook(lambda m, i, o: seen.__setitem__("loss", o[0].detach().clone()))
     optimizer = trainer.engine.optimizer
     inner_step = optimizer.step
 
@@ -206,7 +203,8 @@ def replay(trace: dict, tmp_path: Path):
         refilled = trainer.carry.halted.clone()
         trainer._refill()  # what train_step does first; repeated calls are no-ops
         seen["tokens"] = trainer.carry.tokens.clone()
-        trainer.train_step()
+        out = trainer.train_step()
+        seen["logits"], seen["q"], seen["loss"] = out.logits.detach(), out.q.detach(), out.loss.detach()
         seen["refilled"], seen["halted"], seen["steps"] = refilled, trainer.carry.halted.clone(), trainer.carry.steps.clone()
         yield t, step, trainer, seen
 

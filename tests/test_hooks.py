@@ -194,6 +194,7 @@ class Components:
 
         class EveryN:
             uses_q_head = False
+            uses_continue_loss = False
 
             def __init__(self, n):
                 self.max_steps = n
@@ -205,6 +206,9 @@ class Components:
             def loss(self, q_logits, seq_correct):
                 return torch.zeros(len(q_logits))
 
+            def continue_loss(self, q_logits, next_q_logits, is_last):
+                raise NotImplementedError
+
         register("every_n", NoOptions, lambda config, ctx: EveryN(ctx.n_sup))
 
     @hookimpl
@@ -212,6 +216,8 @@ class Components:
         rec = self
 
         class Count:
+            headline = "n"
+
             def reset(self):
                 self.n, self.steps = 0, 0
 

@@ -10,7 +10,8 @@ import torch
 
 from dis_core import checkpoint
 from dis_core.recipe import load_recipe
-from dis_core.trainer import Trainer, lr_at
+from dis_core.schedule import lr_at
+from dis_core.trainer import Trainer
 
 from conftest import tiny_recipe
 

@@ -106,6 +106,8 @@ class ParityEvaluator:
     right; `sequence_accuracy`: share with every cell right; `parity@s`: parity_accuracy after
     supervision step s. Scores the prediction after the last step each example ran."""
 
+    headline = "parity_accuracy"  # the metric `dis compare` shows by default
+
     def __init__(self):
         self.reset()
 
