@@ -82,25 +82,62 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or
+    AMX (read from the CPU's flags, never assumed: an x86 CPU without them runs bf16 autocast
+    ~25x slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: no cheap, reliable probe, so stay in fp32
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 where the hardware runs it natively (CUDA; CPUs with AVX512-BF16 or AMX),
+    else fp32. bf16 means autocast around the backbone: weights, optimizer and the stablemax
+    loss stay in fp32/float64."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"  # FLIP-AFTER-STUDY
     return precision
 
 
-def deepspeed_config(user: dict, *, global_batch: int, world: int, precision: str, grad_clip: float) -> dict:
-    """The DeepSpeed config: our batch bookkeeping and precision, then the recipe's
-    `[deepspeed]` table on top (so experts can set ZeRO stages, comms options, ...)."""
+def accumulation(global_batch: int, world: int, micro: int | None) -> tuple[int, int]:
+    """(slots per forward on each process, forwards per optimizer step)."""
     if global_batch % world:
         raise UserError(f"train.global_batch_size={global_batch} is not divisible by the {world} processes")
+    share = global_batch // world
+    micro = micro or share
+    if share % micro:
+        raise UserError(
+            f"train.micro_batch_size={micro} does not divide the {share} slots of each of the {world} "
+            f"process(es) (train.global_batch_size={global_batch})"
+        )
+    return micro, share // micro
+
+
+def deepspeed_config(user: dict, *, global_batch: int, world: int, precision: str, grad_clip: float, micro_batch: int | None = None) -> dict:
+    """The DeepSpeed config: our batch bookkeeping and precision, then the recipe's
+    `[deepspeed]` table on top (so experts can set ZeRO stages, comms options, ...). Every key
+    whose DeepSpeed default would change training is written explicitly."""
+    micro, accumulate = accumulation(global_batch, world, micro_batch)
     cfg: dict = {
         "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": global_batch // world,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulate,
         "steps_per_print": 10**9,  # our own logging reports progress
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": 0},
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16 is autocast inside the supervision step, over fp32 weights; DeepSpeed's own bf16
+        # mode would hold the weights themselves in bf16 (and measured barely faster on CPU).
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        # Plain averaging of the gradients over processes, after the backward.
+        "prescale_gradients": False,
+        "gradient_predivide_factor": 1.0,
         # A client optimizer (AdamATan2, ...) under ZeRO needs this flag.
         "zero_allow_untested_optimizer": True,
         # Always written: without the key DeepSpeed clips at norm 1.0. 0.0 = off (the reference
@@ -116,7 +153,7 @@ def deepspeed_config(user: dict, *, global_batch: int, world: int, precision: st
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if merged[key] != cfg[key]:
             raise UserError(
-                f"[deepspeed].{key} conflicts with train.global_batch_size; set the batch in [train] only"
+                f"[deepspeed].{key} conflicts with train.global_batch_size / train.micro_batch_size; set the batch in [train] only"
             )
     if "optimizer" in merged or "scheduler" in merged:
         raise UserError("[deepspeed] must not set optimizer/scheduler: use [train.optimizer] and [train.schedule]")

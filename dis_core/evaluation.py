@@ -28,7 +28,7 @@ def eval_batch_size(requested: int, world: int) -> int:
 @torch.inference_mode()
 def evaluate(backbone: torch.nn.Module, puzzle_emb, dataset, evaluators: dict, rule: StepRule, halting, *,
              batch_size: int, limit: int | None, device, generator: torch.Generator | None,
-             out_dir: Callable[[str], Path | None]) -> dict[str, float]:
+             out_dir: Callable[[str], Path | None], bf16: bool = False) -> dict[str, float]:
     """`<evaluator>/<metric>` metrics on rank 0 ({} elsewhere). The caller sets eval mode (and
     swaps in EMA weights); `out_dir(name)` is where evaluator `name` may write files."""
     rank, world = dist.rank(), dist.world_size()
@@ -40,7 +40,7 @@ def evaluate(backbone: torch.nn.Module, puzzle_emb, dataset, evaluators: dict, r
         for idx, n_real in eval_chunks(size, batch_size, rank, world):
             batch = fetch(dataset, idx, device)
             emb = puzzle_emb(batch["puzzle_ids"]) if puzzle_emb is not None else None
-            out = rollout(backbone, batch, rule, halting, puzzle_emb=emb, generator=generator)
+            out = rollout(backbone, batch, rule, halting, puzzle_emb=emb, generator=generator, bf16=bf16)
             if n_real:
                 record = EvalRecord(
                     batch={k: v[:n_real].cpu() for k, v in batch.items()},

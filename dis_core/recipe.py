@@ -66,7 +66,13 @@ class Train:
     # puzzle, its examples together), "examples" shuffles single examples; "auto" = groups when the
     # task's training split declares them (ARC does), else examples. See dis_core/data.py.
     sampler: Literal["auto", "examples", "groups"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 is slow there)
+    # Slots each process runs per forward/backward; the rest of its share of the global batch is
+    # gradient accumulation (DeepSpeed's gradient_accumulation_steps). None = all of its share.
+    # Changes memory, not the training: the carry, refills and halting are those of the whole batch.
+    micro_batch_size: int | None = attrs.field(default=None, validator=_positive)
+    # auto: bf16 autocast where the hardware runs bf16 natively (CUDA; CPUs with AVX512-BF16 or
+    # AMX), else fp32. Weights, optimizer and the stablemax loss stay fp32/float64.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
     grad_clip: float = 0.0  # 0 = off (the reference does not clip)
     # A non-finite loss or gradient norm: "stop" the run (exit status 3, the newest checkpoint is

@@ -85,6 +85,26 @@ class StepOut:
     ce: torch.Tensor | None = None  # (B,) token loss against the target, detached
     losses: dict[str, torch.Tensor] = attrs.field(factory=dict)  # (B,) each: every per-slot term, detached
 
+    @classmethod
+    def cat(cls, outs: list["StepOut"]) -> "StepOut":
+        """Micro-batches of one step (equal sizes) as one output over all the slots; the
+        loss is their mean, as it would be for one forward over every slot."""
+        if len(outs) == 1:
+            return outs[0]
+        return cls(
+            state=(torch.cat([o.state[0] for o in outs]), torch.cat([o.state[1] for o in outs])),
+            logits=torch.cat([o.logits for o in outs]), q=torch.cat([o.q for o in outs]),
+            loss=torch.stack([o.loss.detach() for o in outs]).mean(),
+            ce=torch.cat([o.ce for o in outs]), losses={k: torch.cat([o.losses[k] for o in outs]) for k in outs[0].losses},
+        )
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast around a backbone call (train.precision = "bf16"): matmuls in bf16 over
+    fp32 weights; the norms and rotary maths stay fp32 inside the layers and the loss is
+    computed outside, in float64."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
 
 def split_backbone_output(out) -> tuple[State, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """A backbone returns (state, logits, q) or (state, logits, q, extra_losses) where
@@ -99,17 +119,19 @@ def split_backbone_output(out) -> tuple[State, torch.Tensor, torch.Tensor, dict[
 class SupervisedStep(nn.Module):
     """backbone + loss: the module DeepSpeed wraps. forward(StepIn) -> StepOut."""
 
-    def __init__(self, backbone: nn.Module, halting, rule: StepRule):
+    def __init__(self, backbone: nn.Module, halting, rule: StepRule, *, bf16: bool = False):
         super().__init__()
         self.backbone = backbone
         self.halting = halting  # plain object, not a submodule
         self.rule = rule
+        self.bf16 = bf16
 
     def forward(self, x: StepIn) -> StepOut:
         emb = x.puzzle_emb
         if emb is not None:
             emb = emb.to(next(self.backbone.parameters()).dtype)
-        state, logits, q, extra = split_backbone_output(self.backbone(x.state, x.tokens, x.step, emb))
+        with autocast(x.tokens.device, self.bf16):
+            state, logits, q, extra = split_backbone_output(self.backbone(x.state, x.tokens, x.step, emb))
         if x.targets is None:
             return StepOut(state, logits, q)
         ce = per_sequence_ce(logits, x.targets, self.rule.loss)  # (B,)
@@ -129,7 +151,8 @@ class SupervisedStep(nn.Module):
         with torch.no_grad():
             nxt = self.rule.next_tokens(logits.argmax(-1), x.inputs)
             detached = (state[0].detach(), state[1].detach())
-            _, _, next_q, _ = split_backbone_output(self.backbone(detached, nxt, x.step + 1, emb))
+            with autocast(x.tokens.device, self.bf16):
+                _, _, next_q, _ = split_backbone_output(self.backbone(detached, nxt, x.step + 1, emb))
         return self.halting.continue_loss(q, next_q.float(), x.step >= self.halting.max_steps)
 
 
@@ -172,12 +195,12 @@ class Carry:
         self.steps[rows] = 0
         self.halted[rows] = False
 
-    def step_in(self, rule: StepRule, puzzle_emb: torch.Tensor | None) -> StepIn:
-        """The inputs of every slot's next step."""
-        step = self.steps + 1
+    def step_in(self, rule: StepRule, puzzle_emb: torch.Tensor | None, rows: slice = slice(None)) -> StepIn:
+        """The inputs of the next step of the slots `rows` (all by default; a micro-batch)."""
+        step = self.steps[rows] + 1
         return StepIn(
-            state=(self.y, self.z), tokens=self.tokens, step=step, puzzle_emb=puzzle_emb,
-            targets=rule.target(self.targets, step), labels=self.batch["labels"], inputs=self.batch["inputs"],
+            state=(self.y[rows], self.z[rows]), tokens=self.tokens[rows], step=step, puzzle_emb=puzzle_emb,
+            targets=rule.target(self.targets[rows], step), labels=self.batch["labels"][rows], inputs=self.batch["inputs"][rows],
         )
 
     @torch.no_grad()
@@ -208,7 +231,7 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzle_emb: torch.Tensor | None,
-            generator: torch.Generator | None = None, max_steps: int | None = None) -> Rollout:
+            generator: torch.Generator | None = None, max_steps: int | None = None, bf16: bool = False) -> Rollout:
     """Run B examples from a fresh state for up to `max_steps` (default: the halting strategy's)
     supervision steps, without loss. Evaluation, `dis eval` and prediction all use this."""
     n_max = max_steps or halting.max_steps
@@ -222,7 +245,8 @@ def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzl
     preds_all, q_last = [], torch.zeros(B, device=device)
     for s in range(1, n_max + 1):
         step = torch.full((B,), s, dtype=torch.long, device=device)
-        (y, z), logits, q, _ = split_backbone_output(backbone((y, z), tokens, step, emb))
+        with autocast(device, bf16):
+            (y, z), logits, q, _ = split_backbone_output(backbone((y, z), tokens, step, emb))
         live = ~halted
         pred = logits.argmax(-1)
         if preds_all:

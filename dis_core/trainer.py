@@ -86,13 +86,15 @@ class Trainer:
                 "final targets with step_input = 'prediction': official TRM and HRM feed the question "
                 "at every step; set supervision.step_input = 'question' for a TRM baseline"
             )
-        model = SupervisedStep(comp.backbone, comp.halting, self.rule)
+        model = SupervisedStep(comp.backbone, comp.halting, self.rule, bf16=self.precision == "bf16")
         optimizer = comp.make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         ds_config = dist.deepspeed_config(
             self.recipe.deepspeed, global_batch=cfg.global_batch_size, world=self.world,
-            precision=self.precision, grad_clip=cfg.grad_clip,
+            precision=self.precision, grad_clip=cfg.grad_clip, micro_batch=cfg.micro_batch_size,
         )
+        micro, accumulate = dist.accumulation(cfg.global_batch_size, self.world, cfg.micro_batch_size)
+        self.micro_batches = [slice(i * micro, (i + 1) * micro) for i in range(accumulate)]
         return dist.make_engine(model, optimizer, ds_config)
 
     def _total_steps(self) -> int:
@@ -159,12 +161,18 @@ class Trainer:
         fresh = self._refill()
         self.step += 1
         self.lr_scale = set_lr(self.engine.optimizer, self.base_lrs, self.step, self.train_cfg.schedule, self.total_steps)
-        emb = self.puzzle_emb(self.carry.batch["puzzle_ids"]) if self.puzzle_emb is not None else None
-        out = self.engine(self.carry.step_in(self.rule, emb))
-        self.engine.backward(out.loss)
+        outs = []
+        for i, rows in enumerate(self.micro_batches):  # one forward/backward per micro-batch
+            emb = self.puzzle_emb(self.carry.batch["puzzle_ids"][rows]) if self.puzzle_emb is not None else None
+            outs.append(self.engine(self.carry.step_in(self.rule, emb, rows)))
+            self.engine.backward(outs[-1].loss)  # DeepSpeed scales by 1/accumulation steps
+            if i < len(self.micro_batches) - 1:
+                self.engine.step()  # only counts the micro-step: the update waits for the last one
+        out = StepOut.cat(outs)
         self.ledger.add_step(self.cost, slots=self.train_cfg.global_batch_size, fresh=fresh)
         if not self.guard.check_step(self.step, out.loss, guards.grads_of(self.engine.module, self.puzzle_emb)):
             guards.drop_update(self.engine, self.puzzle_emb)
+            self.engine.micro_steps += 1  # keep DeepSpeed's accumulation boundary in step with ours
             self.carry.halted[:] = True  # start over on fresh examples
             return None
         self.engine.step()
@@ -191,6 +199,7 @@ class Trainer:
                     module.backbone, self.puzzle_emb, self.test_set, self.comp.evaluators, self.rule, self.comp.halting,
                     batch_size=cfg.eval_batch_size or cfg.global_batch_size, limit=cfg.eval_limit, device=self.device,
                     generator=self.generator, out_dir=lambda name: self.run.eval_dir(self.step, name),
+                    bf16=self.precision == "bf16",
                 )
         finally:
             module.train()

@@ -140,3 +140,26 @@ def test_unused_q_head_is_left_untouched(tmp_path, registry):
     # ...while ACT trains it.
     trainer, _ = _train(tmp_path, registry, tmp_path / "act", ["halting.name=act", "targets.name=final"])
     assert not torch.equal(trainer.engine.module.backbone.q_head.bias.detach(), torch.full((2,), -5.0))
+
+
+@pytest.mark.parametrize("halting", ["fixed", "act"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, registry, halting):
+    """micro_batch_size changes memory, not training: same losses, refills, halting and weights
+    as the unaccumulated run, up to float rounding."""
+    extra = ["train.steps=8"] + (["halting.name=act", "targets.name=final", "supervision.step_input=question"] if halting == "act" else [])
+    whole, _ = _train(tmp_path, registry, tmp_path / "whole", extra)
+    split, _ = _train(tmp_path, registry, tmp_path / "split", [*extra, "train.micro_batch_size=2"])
+    assert split.engine.gradient_accumulation_steps() == 4 and whole.engine.gradient_accumulation_steps() == 1
+    for (s1, l1), (s2, l2) in zip(_losses(tmp_path / "whole"), _losses(tmp_path / "split")):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+    assert torch.equal(whole.carry.steps, split.carry.steps) and torch.equal(whole.carry.halted, split.carry.halted)
+    assert whole.ledger.examples == split.ledger.examples
+    ours, theirs = whole.engine.module.state_dict(), split.engine.module.state_dict()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-5
+
+
+def test_micro_batch_must_divide_the_share_of_each_process(tmp_path, registry):
+    from dis_core.errors import UserError
+
+    with pytest.raises(UserError, match="micro_batch_size=3 does not divide the 8 slots"):
+        _train(tmp_path, registry, tmp_path / "run", ["train.micro_batch_size=3"])
