@@ -15,6 +15,7 @@ written for another model (other tensor names or shapes) stops with the tensors 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -56,11 +57,50 @@ def _write_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower())
 
 
-def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict, extra: dict | None = None) -> Path:
-    """`extra`: {file name: object} that rank 0 saves beside (e.g. the EMA weights to evaluate)."""
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _estimate_bytes(root: Path, ds_engine, shared_state: dict, rank_state: dict, world: int) -> int:
+    """What the next checkpoint will take: the newest one's size, else the tensors about to be
+    written (the module, ~2x it for Adam's moments, and the client states)."""
+    newest = find_latest(root, world) if root.is_dir() else None
+    if newest:
+        return dir_bytes(root / newest)
+
+    def nbytes(obj) -> int:
+        if torch.is_tensor(obj):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(nbytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(nbytes(v) for v in obj)
+        return 0
+
+    module = sum(p.numel() * p.element_size() for p in ds_engine.module.parameters())
+    return 3 * module + nbytes(shared_state) + world * nbytes(rank_state)
+
+
+def _check_space(root: Path, needed: int, tag: str) -> None:
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    if free < needed * 1.05:
+        raise CheckpointError(
+            f"not enough disk space for checkpoint {tag} under {root}: it needs about {needed / 2**20:.0f} MiB and "
+            f"{free / 2**20:.0f} MiB are free. Nothing was written; free space (or lower train.keep_checkpoints) "
+            f"and resume with --resume"
+        )
+
+
+def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict, extra: dict | None = None,
+         metrics: dict | None = None) -> Path:
+    """`extra`: {file name: object} that rank 0 saves beside (e.g. the EMA weights to evaluate);
+    `metrics`: the evaluation of this step, if any (kept in metrics.json for keep-best)."""
     rank, world = dist_engine.rank(), dist_engine.world_size()
     tmp_tag, tag = f".tmp-step_{step}", f"step_{step}"
     guards.check_weights(_tensors(ds_engine, extra), step)  # the same weights on every rank: all raise
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _check_space(root, _estimate_bytes(root, ds_engine, shared_state, rank_state, world), tag)
     if rank == 0 and (root / tmp_tag).exists():
         shutil.rmtree(root / tmp_tag)  # leftovers of a write that was killed
     dist_engine.barrier()
@@ -70,6 +110,8 @@ def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict,
         if rank == 0:
             for name, obj in (extra or {}).items():
                 torch.save(obj, root / tmp_tag / name)
+            if metrics:
+                atomic_write(root / tmp_tag / "metrics.json", json.dumps(metrics, sort_keys=True))
     except Exception as exc:
         if not _write_failure(exc):
             raise
@@ -87,8 +129,38 @@ def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict,
             shutil.rmtree(root / tag)
         (root / tmp_tag).rename(root / tag)
         atomic_write(root / "latest", tag + "\n")
+        log.info("checkpoint", path=str(root / tag), mib=round(dir_bytes(root / tag) / 2**20, 1))
     dist_engine.barrier()
     return root / tag
+
+
+def prune(root: Path, world: int, *, keep: int, best: str | None = None, mode: str = "max") -> list[str]:
+    """Remove complete checkpoints beyond the newest `keep` (0 = keep all), sparing the one
+    `latest` names and, with `best`, the one whose metrics.json scores best on that metric.
+    Rank 0 only; returns the tags removed."""
+    tags = sorted(
+        (int(m.group(1)), p.name) for p in root.glob("step_*") if (m := re.fullmatch(r"step_(\d+)", p.name)) and _complete(p, world)
+    )
+    if not keep or len(tags) <= keep:
+        return []
+    spared = {name for _, name in tags[-keep:]} | set(candidates(root, world)[:1])
+    if best:
+        scored = []
+        for step, name in tags:
+            try:
+                value = json.loads((root / name / "metrics.json").read_text()).get(best)
+            except (OSError, ValueError):
+                value = None
+            if isinstance(value, (int, float)):
+                scored.append((value if mode == "max" else -value, step, name))  # ties: the newest
+        if scored:
+            spared.add(max(scored)[2])
+    removed = [name for _, name in tags if name not in spared]
+    for name in removed:
+        shutil.rmtree(root / name, ignore_errors=True)
+    if removed:
+        log.info("checkpoints removed", kept=sorted(spared), removed=removed)
+    return removed
 
 
 def candidates(root: Path, world: int) -> list[str]:
@@ -164,7 +236,13 @@ def _mismatch(ds_engine, path: Path, text: str) -> str:
         saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     except Exception:  # unreadable: fall back to torch's own message
         return f"{head}: {text.splitlines()[0][:500]}"
-    own = ds_engine.module.state_dict()
+    detail = tensor_differences(ds_engine.module.state_dict(), saved) or text.splitlines()[0][:500]
+    return f"{head}: {detail}. Resume it with the recipe it was written with, or start a new run with another --out"
+
+
+def tensor_differences(own: dict, saved: dict) -> str:
+    """The tensors whose shapes differ, that the checkpoint lacks, or that the model lacks, as
+    one line ("" when the two state dicts fit). Also used by `dis eval` / `dis_core.load`."""
     shapes = [f"{k} (checkpoint {list(saved[k].shape)}, model {list(v.shape)})" for k, v in own.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
@@ -172,5 +250,4 @@ def _mismatch(ds_engine, path: Path, text: str) -> str:
     for label, names in (("shapes differ", shapes), ("missing from the checkpoint", missing), ("not in this model", unexpected)):
         if names:
             parts.append(f"{label}: {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
-    detail = "; ".join(parts) or text.splitlines()[0][:500]
-    return f"{head}: {detail}. Resume it with the recipe it was written with, or start a new run with another --out"
+    return "; ".join(parts)

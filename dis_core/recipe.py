@@ -59,6 +59,12 @@ class Train:
     epochs: float | None = attrs.field(default=None, validator=_positive)  # or: passes over the train split
     eval_interval: int = attrs.field(default=0, validator=_non_negative)  # optimizer steps between evaluations; 0 = only at the end
     checkpoint_interval: int = attrs.field(default=0, validator=_non_negative)  # optimizer steps between checkpoints; 0 = only at the end
+    # Retention: keep the newest N complete checkpoints (0 = all), plus, with keep_best, the one
+    # whose evaluation at the same step scored best on that metric (e.g. "arc/pass@2"): an
+    # arc1_compact checkpoint is ~2 GB, and the final one is not always the best (TRM issue #26).
+    keep_checkpoints: int = attrs.field(default=3, validator=_non_negative)
+    keep_best: str | None = None
+    keep_best_mode: Literal["max", "min"] = "max"
     eval_batch_size: int | None = attrs.field(default=None, validator=_positive)  # default: global_batch_size
     eval_limit: int | None = attrs.field(default=None, validator=_positive)  # evaluate only the first K test examples
     log_interval: int = attrs.field(default=10, validator=_positive)

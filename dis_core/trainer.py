@@ -69,6 +69,7 @@ class Trainer:
         self.step = 0
         self.total_steps = self._total_steps()
         self.resumed_from = None
+        self.last_eval, self.last_eval_step = {}, None
         self.guard = guards.NonFiniteGuard(cfg.on_nonfinite, checkpoints=self.run.checkpoints)
         if resume:
             self._resume()
@@ -142,7 +143,12 @@ class Trainer:
         # With EMA on, the weights to evaluate are the EMA ones (the reference saves only those);
         # the live weights stay in the DeepSpeed files so that training can resume.
         extra = {"ema_weights.pt": self.ema.model_state_dict(self.engine.module)} if self.ema is not None else None
-        return checkpoint.save(self.engine, self.run.checkpoints, self.step, shared, mine, extra)
+        metrics = self.last_eval if self.last_eval_step == self.step else None
+        path = checkpoint.save(self.engine, self.run.checkpoints, self.step, shared, mine, extra, metrics=metrics)
+        cfg = self.train_cfg
+        if self.rank == 0:
+            checkpoint.prune(self.run.checkpoints, self.world, keep=cfg.keep_checkpoints, best=cfg.keep_best, mode=cfg.keep_best_mode)
+        return path
 
     # ------------------------------------------------------------------ one step
 
@@ -263,6 +269,11 @@ class Trainer:
         return out
 
     def _log_eval(self, metrics: dict) -> None:
+        self.last_eval, self.last_eval_step = metrics, self.step
+        best = self.train_cfg.keep_best
+        if best and metrics and best not in metrics:
+            log.warning("train.keep_best names no evaluation metric; keeping only the newest checkpoints",
+                        keep_best=best, metrics=sorted(metrics)[:8])
         cost = self._cost()
         if metrics and self.rank == 0:
             self.run.log(self.step, "eval", metrics | cost)
