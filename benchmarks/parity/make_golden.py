@@ -21,10 +21,6 @@ and are stubbed.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.abc
-import importlib.machinery
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -32,62 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from official import git_head, prepare, use_repo
+
 # The tiny shape shared by all traces: a 4x4 "ARC-like" grid (PAD 0, EOS 1, colours 2..5).
 BATCH, SEQ_LEN, VOCAB, NUM_IDS = 4, 16, 6, 7
 HIDDEN, HEADS, EXPANSION, PUZZLE_NDIM, PUZZLE_LEN = 16, 2, 4.0, 16, 2
 LR, EMB_LR, WD, WARMUP = 1e-3, 1e-2, 0.1, 3
-
-# Modules of the official repositories that exist under the same names in each (they are
-# purged between traces), and imports of theirs that the traced code paths never use.
-REPO_MODULES = ("models", "utils", "dataset", "puzzle_dataset", "pretrain", "train_arc_tiny_corrupt", "evaluators")
-STUBBED = ("wandb", "coolname", "yaml", "hydra", "omegaconf", "adam_atan2", "argdantic")
-
-
-class _Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Answers imports of STUBBED packages with empty modules whose attributes are no-ops."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in STUBBED:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        mod = types.ModuleType(spec.name)
-        mod.__path__ = []
-        mod.__getattr__ = _stub_attr  # type: ignore[attr-defined]
-        return mod
-
-    def exec_module(self, module):
-        pass
-
-
-def _stub_attr(attr: str):
-    if attr.startswith("__"):
-        raise AttributeError(attr)
-    return _noop
-
-
-def _noop(*args, **kwargs):
-    # Used as a decorator factory (hydra.main(...)), a decorator, a class or a function.
-    if len(args) == 1 and callable(args[0]) and not kwargs:
-        return args[0]
-    return _noop
-
-
-def use_repo(path: Path) -> None:
-    for name in list(sys.modules):
-        if name.split(".")[0] in REPO_MODULES:
-            del sys.modules[name]
-    sys.path[:] = [p for p in sys.path if not p.startswith("__official__")]
-    sys.path.insert(0, str(path))
-
-
-def git_head(path: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def make_batch(rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """B examples on a 4x4 canvas: a random h x w input region, a random output region with an
@@ -245,10 +191,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("tests/golden"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    sys.meta_path.insert(0, _Stubs())
-    # The official loop moves each batch with `.cuda()`; on this CPU-only trace that is the
-    # identity (everything else it does is device-agnostic once the carry exists).
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    prepare()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, fn, repo in (("dis_compact", trace_dis, args.dis), ("trm_act", trace_trm, args.trm), ("hrm_forward", trace_hrm, args.trm)):
