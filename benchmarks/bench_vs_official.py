@@ -40,6 +40,7 @@ CONFIGS = {
     "b": dict(hidden=256, layers=1, heads=8, seq=900, prefix=16, batch=8, vocab=12),
 }
 N_SUP = 6
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # dis picks the same device
 
 
 def make_batch(c: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -79,14 +80,15 @@ def official_step(trm: Path, c: dict):
         L_layers=c["layers"], H_cycles=1, L_cycles=2, halt_max_steps=N_SUP, halt_exploration_prob=0.1, causal=False,
     )
     torch.manual_seed(0)
-    model = ACTLossHead(TinyRecursiveReasoningModel_ACTV1(cfg), loss_type="stablemax_cross_entropy")
+    with torch.device(DEVICE):
+        model = ACTLossHead(TinyRecursiveReasoningModel_ACTV1(cfg), loss_type="stablemax_cross_entropy")
     optimizers = [torch.optim.AdamW(model.parameters(), lr=0, weight_decay=0.1, betas=(0.9, 0.95))]
     lrs = [1e-4]
     if c["prefix"]:
         optimizers.insert(0, CastedSparseEmbeddingSignSGD_Distributed(model.model.puzzle_emb.buffers(), lr=0, weight_decay=0.1, world_size=1))
         lrs.insert(0, 1e-2)
     rng = np.random.default_rng(0)
-    batch = {k: torch.from_numpy(v) for k, v in make_batch(c, rng).items()}
+    batch = {k: torch.from_numpy(v).to(DEVICE) for k, v in make_batch(c, rng).items()}
     state = types.SimpleNamespace(model=model, optimizers=optimizers, optimizer_lrs=lrs, carry=model.initial_carry(batch), step=0, total_steps=10**9)
     config = types.SimpleNamespace(lr_warmup_steps=0, lr_min_ratio=1.0)
     return lambda: train_batch(config, state, batch, global_batch_size=c["batch"], rank=0, world_size=1)
@@ -164,7 +166,9 @@ config = {{ lr = 1e-4 }}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if DEVICE == "cuda":
+        n = 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
     for _ in range(2):
         a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
@@ -172,8 +176,12 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 8) -> float:
 
 
 def _timed(fn) -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -186,9 +194,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    prepare()
+    prepare(cpu=DEVICE == "cpu")
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"machine: {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, torch {torch.__version__}, "
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else torch.backends.cpu.get_cpu_capability()
+    print(f"machine: {where}, {args.threads} threads, torch {torch.__version__}, "
           f"load {os.getloadavg()[0]:.2f}; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs.split(","):

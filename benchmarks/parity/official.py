@@ -53,12 +53,13 @@ def _noop(*args, **kwargs):
     return _noop
 
 
-def prepare() -> None:
-    """Install the stubs, and make `Tensor.cuda` the identity: the official loop moves each
-    batch with `.cuda()`; everything else it does is device-agnostic once the carry exists."""
+def prepare(cpu: bool = True) -> None:
+    """Install the stubs, and on CPU make `Tensor.cuda` the identity: the official loop moves
+    each batch with `.cuda()`; everything else it does is device-agnostic once the carry exists."""
     if not any(isinstance(f, _Stubs) for f in sys.meta_path):
         sys.meta_path.insert(0, _Stubs())
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    if cpu:
+        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
 
 
 def use_repo(path: Path) -> None:
