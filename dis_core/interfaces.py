@@ -120,6 +120,10 @@ class HaltingStrategy(Protocol):
     """Decides after each supervision step which slots are done.
 
     The trainer owns the carry (slot states, step counters); the strategy only decides.
+
+    Optional: `uses_answer = True` makes evaluation call `halt(..., answer=answer)` with a
+    `dis_core.supervision.Answer` (the step's logits, mean top-class probability, steps the
+    argmax has not changed), for rules that stop on the answer itself (`fixed`'s `eval_halt`).
     """
 
     max_steps: int  # no slot runs more supervision steps than this
@@ -183,6 +187,12 @@ class Backbone(Protocol):
     def flops_per_call(self, seq_len: int) -> float:
         """Forward FLOPs of one network call for one example at sequence length S."""
         ...
+
+    # Optional, for guidance (paper Eq. 5) and the Advantage Margin (Prop. 4.1) at evaluation
+    # (dis_core.supervision.rollout; `trm` and `hrm` have both; the core never trains with them):
+    #   decode(y) -> (B, L, V): f_O of an answer state (readout "step")
+    #   forward_readouts(state, tokens, step, puzzle_emb=None) -> (state, logits, q_logits,
+    #       logits of y just before the step's last y-update) (readout "cycle")
 
 
 @attrs.frozen(kw_only=True)

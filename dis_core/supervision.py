@@ -227,41 +227,143 @@ class Rollout:
     preds: torch.Tensor  # (B, N, L) argmax after each step; a halted slot repeats its answer
     q_halt: torch.Tensor  # (B,) fp32 halting logit after the slot's last step
     steps: torch.Tensor  # (B,) int64 steps actually run
+    # With `margin=True` (the batch has labels): the Advantage Margin (paper Prop. 4.1) summed over
+    # each example's supervised cells at each step, and how many of those cells had a positive
+    # one; 0 after the example halted. `cells` (B,): its supervised cells.
+    margin: torch.Tensor | None = None  # (B, N) fp32
+    margin_positive: torch.Tensor | None = None  # (B, N) int64
+    cells: torch.Tensor | None = None  # (B,) int64
+
+
+READOUTS = ("step", "cycle")
+
+
+@attrs.frozen
+class Answer:
+    """What a halting strategy with `uses_answer = True` sees at evaluation, after each step
+    (`halt(..., answer=Answer)`): the step's (guided) logits and two signals computed from them."""
+
+    logits: torch.Tensor  # (B, L, V) the logits the step's answer is the argmax of (l_w)
+    confidence: torch.Tensor  # (B,) fp32 mean over the L positions of the top class's probability
+    unchanged: torch.Tensor  # (B,) int64 steps in a row the argmax has not changed (0 at step 1)
+
+
+def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """The distribution the model was trained to put on its logits: stablemax or softmax (fp32)."""
+    if kind == "stablemax":
+        x = logits.to(torch.float64)
+        s = torch.where(x >= 0, x + 1, 1.0 / (1.0 - x + 1e-30))
+        return (s / s.sum(-1, keepdim=True)).to(torch.float32)
+    return torch.softmax(logits.float(), -1)
+
+
+def advantage_margin(l_u: torch.Tensor, l_c: torch.Tensor, l_w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Paper Prop. 4.1 per cell: with delta = l_c - l_u and pi_w = softmax(l_w),
+    delta[y*] - E_{a ~ pi_w} delta[a]. (B, L, V) logits, labels (B, L) -> (B, L) fp32; the value
+    at an unsupervised cell (label IGNORE) is meaningless: mask it."""
+    delta = l_c.float() - l_u.float()
+    pi = torch.softmax(l_w.float(), -1)
+    safe = labels.clamp(0, delta.shape[-1] - 1)
+    return delta.gather(-1, safe[..., None]).squeeze(-1) - (pi * delta).sum(-1)
+
+
+def _check_readouts(backbone: nn.Module, readout: str) -> None:
+    need = {"step": "decode", "cycle": "forward_readouts"}.get(readout)
+    if need is None:
+        raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+    if not callable(getattr(backbone, need, None)):
+        raise ValueError(f"readout {readout!r} needs the backbone's `{need}` (guidance and the Advantage Margin); "
+                         f"{type(backbone).__name__} has none")
+
+
+def has_readouts(backbone: nn.Module, readout: str) -> bool:
+    """Whether the backbone offers what `readout` needs (trm and hrm offer both)."""
+    try:
+        _check_readouts(backbone, readout)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()
 def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzle_emb: torch.Tensor | None,
-            generator: torch.Generator | None = None, max_steps: int | None = None, bf16: bool = False) -> Rollout:
+            generator: torch.Generator | None = None, max_steps: int | None = None, bf16: bool = False,
+            guidance: float = 1.0, readout: str = "step", margin: bool = False) -> Rollout:
     """Run B examples from a fresh state for up to `max_steps` (default: the halting strategy's)
-    supervision steps, without loss. Evaluation, `dis eval` and prediction all use this."""
+    supervision steps, without loss. Evaluation, `dis eval` and prediction all use this.
+
+    Guidance (paper Eq. 5): each step's answer is the argmax of l_w = (1 - w) l_u + w l_c, with
+    l_c = f_O(y after the step) (the plain logits) and l_u = f_O(y before): `readout = "step"`
+    takes y as the step received it (so l_u of step s is l_c of step s-1; no extra network call),
+    `"cycle"` takes y just before the step's last y-update (needs `backbone.forward_readouts`;
+    the same as "step" when T = 1). That answer is what the step records, feeds to the next step
+    (`step_input = "prediction"`) and shows the halting strategy. w = 1 is the plain rollout,
+    computed exactly as without guidance. `margin=True` also sums the Advantage Margin of every
+    step (needs `batch["labels"]`)."""
     n_max = max_steps or halting.max_steps
     inputs = batch["inputs"]
     B, device = inputs.shape[0], inputs.device
+    guided = float(guidance) != 1.0
+    readouts = guided or margin
+    if readouts:
+        _check_readouts(backbone, readout)
+    uses_answer = bool(getattr(halting, "uses_answer", False))
     dtype = next(backbone.parameters()).dtype
     y, z = (t.to(device=device, dtype=dtype) for t in backbone.initial_state(B))
     emb = puzzle_emb.to(dtype) if puzzle_emb is not None else None
     tokens, steps = inputs, torch.zeros(B, dtype=torch.long, device=device)
     halted = torch.zeros(B, dtype=torch.bool, device=device)
     preds_all, q_last = [], torch.zeros(B, device=device)
+    unchanged = torch.zeros(B, dtype=torch.long, device=device)
+    l_prev = None
+    if readouts and readout == "step":
+        with autocast(device, bf16):
+            l_prev = backbone.decode(y)  # f_O(y_0): the first step's l_u
+    if margin:
+        labels = batch["labels"]
+        valid = labels != IGNORE
+        margin_sum, margin_pos = [], []
     for s in range(1, n_max + 1):
         step = torch.full((B,), s, dtype=torch.long, device=device)
         with autocast(device, bf16):
-            (y, z), logits, q, _ = split_backbone_output(backbone((y, z), tokens, step, emb))
+            if readouts and readout == "cycle":
+                (y, z), logits, q, l_u = backbone.forward_readouts((y, z), tokens, step, emb)
+            else:
+                (y, z), logits, q, _ = split_backbone_output(backbone((y, z), tokens, step, emb))
+        if readouts and readout == "step":
+            l_u, l_prev = l_prev, logits
+        l_w = torch.lerp(l_u.float(), logits.float(), float(guidance)) if guided else logits
         live = ~halted
-        pred = logits.argmax(-1)
+        pred = l_w.argmax(-1)
         if preds_all:
+            unchanged = torch.where((pred == preds_all[-1]).all(-1), unchanged + 1, torch.zeros_like(unchanged))
             pred = torch.where(live[:, None], pred, preds_all[-1])  # a halted slot keeps its answer
         preds_all.append(pred)
+        if margin:
+            m = advantage_margin(l_u, logits, l_w, labels)
+            margin_sum.append(torch.where(valid & live[:, None], m, torch.zeros_like(m)).sum(-1))
+            margin_pos.append(((m > 0) & valid & live[:, None]).sum(-1))
         q_last = torch.where(live, q[:, 0].float(), q_last)
         steps = steps + live.long()
         tokens = rule.next_tokens(pred, inputs)
-        halted = halted | halting.halt(steps, q.float(), training=False, generator=generator)
+        if uses_answer:
+            conf = probabilities(l_w, rule.loss).amax(-1).mean(-1)
+            answer = Answer(logits=l_w, confidence=conf, unchanged=unchanged)
+            halted = halted | halting.halt(steps, q.float(), training=False, generator=generator, answer=answer)
+        else:
+            halted = halted | halting.halt(steps, q.float(), training=False, generator=generator)
         if bool(halted.all()):
             break
     preds = torch.stack(preds_all, 1)  # (B, steps run, L)
     if preds.shape[1] < n_max:  # pad with the final answer so every record has N frames
         preds = torch.cat([preds, preds[:, -1:].expand(-1, n_max - preds.shape[1], -1)], 1)
-    return Rollout(preds=preds, q_halt=q_last, steps=steps)
+    out = Rollout(preds=preds, q_halt=q_last, steps=steps)
+    if margin:
+        pad = n_max - len(margin_sum)
+        m_sum = torch.nn.functional.pad(torch.stack(margin_sum, 1).float(), (0, pad))
+        m_pos = torch.nn.functional.pad(torch.stack(margin_pos, 1), (0, pad))
+        out = attrs.evolve(out, margin=m_sum, margin_positive=m_pos, cells=valid.sum(-1))
+    return out
 
 
 @attrs.define

@@ -1,45 +1,93 @@
 """Halting strategies: `fixed` (DIS: exactly n_sup steps, no halting head) and `act` (TRM/HRM:
-a learned Q-head decides when a slot is done, with exploration during training)."""
+a learned Q-head decides when a slot is done, with exploration during training).
+
+`fixed` also offers adaptive stopping at evaluation only (`eval_halt`): when the answer stops
+changing, when it is confident, or by a Q-head trained alongside the DIS targets. A strategy
+that sets `uses_answer = True` is called at evaluation as `halt(..., answer=Answer)`
+(dis_core.supervision.Answer: the step's logits, confidence, steps unchanged)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import attrs
 import torch
 import torch.nn.functional as F
 
 from dis_core import hookimpl
-from dis_core.validators import non_negative, probability
+from dis_core.validators import non_negative, one_of, positive, probability
 
 
 @attrs.frozen(kw_only=True)
 class FixedConfig:
-    """No options: every slot runs exactly `supervision.n_sup` steps, in training and evaluation."""
+    """Training runs every slot exactly `supervision.n_sup` steps, whatever the options. They
+    let evaluation (and prediction) stop an example sooner: the paper's future work, adaptive
+    computation for DIS. `eval_halt` picks the rule; `min_steps` holds every rule back."""
+
+    # "none": n_sup steps (DIS). "stable": stop once the answer (argmax) has not changed for
+    # `patience` steps in a row. "confident": stop once the mean over positions of the top
+    # class's probability reaches `threshold`. "q_head": stop once q_halt > 0 (needs q_head).
+    eval_halt: Literal["none", "stable", "confident", "q_head"] = attrs.field(
+        default="none", validator=one_of("none", "stable", "confident", "q_head"))
+    patience: int = attrs.field(default=1, validator=positive)
+    threshold: float = attrs.field(default=0.9, validator=probability)
+    min_steps: int = attrs.field(default=1, validator=positive)
+    # Train the Q-head alongside the DIS targets: BCE of q_halt towards "the answer is already
+    # right" (TRM's halting loss), added to every step's loss; halting in training stays fixed.
+    q_head: bool = False
+    q_loss_weight: float = attrs.field(default=0.5, validator=non_negative)
+
+    def __attrs_post_init__(self):
+        if self.eval_halt == "q_head" and not self.q_head:
+            raise ValueError("eval_halt = 'q_head' needs a trained head: set q_head = true (and train with it)")
 
 
 class FixedHalting:
-    """Every slot halts after n_sup steps. Slots filled together halt together, so one batch
-    runs all its n_sup steps and is then replaced whole: no loaded data is thrown away
-    (the reference carry discards 5 of every 6 loaded batches)."""
+    """Every slot halts after n_sup steps in training. Slots filled together halt together, so
+    one batch runs all its n_sup steps and is then replaced whole: no loaded data is thrown
+    away (the reference carry discards 5 of every 6 loaded batches). At evaluation the
+    `eval_halt` rule may stop an example sooner."""
 
-    uses_q_head = False
     uses_continue_loss = False
 
-    def __init__(self, n_sup: int):
+    def __init__(self, n_sup: int, config: FixedConfig | None = None):
+        self.config = config or FixedConfig()
         self.max_steps = n_sup
+        self.uses_q_head = self.config.q_head
+        # the "stable" and "confident" rules read the answer (dis_core.supervision.Answer)
+        self.uses_answer = self.config.eval_halt in ("stable", "confident")
 
-    def halt(self, steps, q_logits, *, training, generator):
-        return steps >= self.max_steps
+    def halt(self, steps, q_logits, *, training, generator, answer=None):
+        done = steps >= self.max_steps
+        rule = self.config.eval_halt
+        if training or rule == "none":
+            return done
+        if rule == "q_head":
+            early = q_logits[:, 0] > 0
+        elif answer is None:
+            raise ValueError(f"halting rule {rule!r} needs the step's answer (halt(..., answer=...))")
+        elif rule == "stable":
+            early = answer.unchanged >= self.config.patience
+        else:
+            early = answer.confidence >= self.config.threshold
+        return done | (early & (steps >= self.config.min_steps))
 
     def loss(self, q_logits, seq_correct):
-        return torch.zeros(q_logits.shape[0], dtype=torch.float32, device=q_logits.device)
+        """Per slot (B,) fp32: zeros, or with `q_head` weight * BCE(q_halt, seq_correct)."""
+        if not self.uses_q_head:
+            return torch.zeros(q_logits.shape[0], dtype=torch.float32, device=q_logits.device)
+        q_halt = q_logits[:, 0].float()
+        target = seq_correct.to(q_halt.dtype)
+        return self.config.q_loss_weight * F.binary_cross_entropy_with_logits(q_halt, target, reduction="none")
 
     def continue_loss(self, q_logits, next_q_logits, is_last):
         return self.loss(q_logits, is_last)  # never called: uses_continue_loss is False
 
 
 def build_fixed(config: FixedConfig, ctx) -> FixedHalting:
-    """Exactly n_sup supervision steps per example; no halting head (DIS)."""
-    return FixedHalting(ctx.n_sup)
+    """Exactly n_sup supervision steps per example in training; no halting head (DIS) unless
+    `q_head`; optionally an adaptive stop at evaluation (`eval_halt`)."""
+    return FixedHalting(ctx.n_sup, config)
 
 
 @attrs.frozen(kw_only=True)

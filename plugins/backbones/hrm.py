@@ -56,9 +56,7 @@ class HRM(RecursiveBackbone):
     def calls_per_step(self) -> tuple[int, int]:
         return self.T * self.n + self.T, 2
 
-    def forward(self, state, tokens, step, puzzle_emb=None):
-        x = self.embed(tokens, step, puzzle_emb)  # (B, S, D)
-        y, z = (s.to(x.dtype) for s in state)  # (B, S, D) each
+    def _reason(self, y, z, x):
         with torch.no_grad():
             for cycle in range(self.T):
                 last_cycle = cycle == self.T - 1
@@ -69,10 +67,10 @@ class HRM(RecursiveBackbone):
                 if not last_cycle:
                     y = self.H(y, z)
         # One-step gradient: the final L- and H-update.
+        y_before = y
         z = self.L(z, y + x)
         y = self.H(y, z)
-        logits, q_logits = self._decode(y)  # (B, L, V), (B, 2)
-        return (y, z), logits, q_logits
+        return y_before, y, z
 
 
 def build_hrm(config: HRMConfig, ctx) -> HRM:

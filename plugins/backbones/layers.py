@@ -297,10 +297,12 @@ def prefix_length(puzzle_emb_ndim: int, puzzle_emb_len: int, hidden: int) -> int
 class RecursiveBackbone(nn.Module):
     """What `trm` and `hrm` share around their reasoning modules: the input embedding (puzzle
     prefix, optional step embedding), the rotary table, the output heads, the fixed start
-    states of y and z, `initial_state`, decoding y, and FLOPs from blocks per network call.
+    states of y and z, `initial_state`, `forward`, decoding y (and the readouts before the last
+    y-update that guidance and the Advantage Margin need), and FLOPs from blocks per network call.
 
     A subclass's __init__ calls `super().__init__(...)`, builds its blocks (with `self.rotary`),
-    then `self._add_heads(vocab_size)`, and sets `blocks_per_call`. Parameters draw their initial
+    then `self._add_heads(vocab_size)`, and sets `blocks_per_call`; it implements `_reason` (its
+    T cycles), and the shared `forward` embeds, reasons and decodes. Parameters draw their initial
     values in that order (embedding, blocks, heads, start states), so keep it: a seed's model
     depends on it.
     """
@@ -345,3 +347,31 @@ class RecursiveBackbone(nn.Module):
         logits = self.lm_head(y[:, self.prefix_len :])  # (B, L, V): the prefix is never decoded
         q_logits = self.q_head(y[:, 0]).float()  # (B, 2) [halt, continue] from the first position
         return logits, q_logits
+
+    def _reason(self, y: torch.Tensor, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A subclass's T cycles: (y, z, x) -> (y before the last y-update, new y, new z)."""
+        raise NotImplementedError
+
+    def _run(self, state, tokens, step, puzzle_emb):
+        x = self.embed(tokens, step, puzzle_emb)  # (B, S, D)
+        y, z = (s.to(x.dtype) for s in state)  # (B, S, D) each
+        return self._reason(y, z, x)
+
+    def forward(self, state, tokens, step, puzzle_emb=None):
+        _, y, z = self._run(state, tokens, step, puzzle_emb)
+        logits, q_logits = self._decode(y)  # (B, L, V), (B, 2)
+        return (y, z), logits, q_logits
+
+    # Readouts for the paper's guidance (Eq. 5) and Advantage Margin (Prop. 4.1): optional
+    # capabilities of a backbone, used by `dis_core.supervision.rollout`, never by training.
+
+    def decode(self, y: torch.Tensor) -> torch.Tensor:
+        """f_O: answer state y (B, S, D) -> logits (B, L, V)."""
+        return self._decode(y)[0]
+
+    def forward_readouts(self, state, tokens, step, puzzle_emb=None):
+        """`forward`, plus f_O of y just before the step's last y-update (the paper's z_H^n of
+        Eq. 4, around the last cycle): (state, logits, q_logits, logits_before_last_update)."""
+        y_before, y, z = self._run(state, tokens, step, puzzle_emb)
+        logits, q_logits = self._decode(y)
+        return (y, z), logits, q_logits, self.decode(y_before)

@@ -67,15 +67,13 @@ class TRM(RecursiveBackbone):
         y = self.net(y, z)
         return y, z
 
-    def forward(self, state, tokens, step, puzzle_emb=None):
-        x = self.embed(tokens, step, puzzle_emb)  # (B, S, D)
-        y, z = (s.to(x.dtype) for s in state)  # (B, S, D) each
+    def _reason(self, y, z, x):
         with torch.no_grad():
             for _ in range(self.T - 1):
                 y, z = self._cycle(y, z, x)
+        y_before = y  # the last cycle's z-updates leave y alone; its y-update is the last one
         y, z = self._cycle(y, z, x)
-        logits, q_logits = self._decode(y)  # (B, L, V), (B, 2)
-        return (y, z), logits, q_logits
+        return y_before, y, z
 
 
 def build_trm(config: TRMConfig, ctx) -> TRM:
