@@ -9,4 +9,14 @@ __version__ = "0.1.0"
 
 from dis_core.hookspecs import hookimpl  # noqa: E402  (the one name plugin authors need)
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = ["__version__", "hookimpl", "load"]
+
+
+def __getattr__(name: str):
+    # `dis_core.load(run_dir_or_checkpoint)` -> a trained Model (dis_core/inference.py). Imported
+    # on first use, so `import dis_core` (every plugin does) stays free of torch.
+    if name == "load":
+        from dis_core.inference import load
+
+        return load
+    raise AttributeError(f"module 'dis_core' has no attribute {name!r}")

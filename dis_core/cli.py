@@ -60,6 +60,11 @@ def make_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--per-step", action="store_true", help="also show per-step metrics such as exact/hamming@3")
     cmp_.add_argument("--out", type=Path, default=None, metavar="DIR",
                       help="write DIR/compare.md and DIR/compare.png (created); without it, only the table is printed")
+
+    from dis_core import inference_cli  # `dis eval` and `dis predict` (issue 10); cheap to import
+
+    inference_cli.add_parsers(sub)
+    COMMANDS.update(inference_cli.COMMANDS)
     return parser
 
 

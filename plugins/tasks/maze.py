@@ -24,7 +24,7 @@ import structlog
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import UserError
+from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.metrics import Tally
 from dis_core.reveal import ranked_reveal
@@ -162,6 +162,39 @@ class MazeTask:
         on_path = (labels == PATH) | (labels == START) | (labels == GOAL)
         dist = distance_maps(on_path.reshape(grid), (labels == START).reshape(grid))  # (B, R, C)
         return ranked_reveal(inputs, labels, dist.reshape(labels.shape), n_sup)
+
+
+    # ---- using a trained model (optional Task methods: dis predict, trajectory pictures) ----
+
+    def encode_inputs(self, puzzles: list) -> dict[str, np.ndarray]:
+        """Mazes -> {"inputs": (K, rows*cols)}: a string of rows*cols characters over "# SG"
+        (wall, open, start, goal; the Maze-Hard CSV's question column) or a list of rows strings."""
+        r, c = self.config.rows, self.config.cols
+        out = np.empty((len(puzzles), r * c), dtype=np.int64)
+        for i, p in enumerate(puzzles):
+            text = "".join(p) if isinstance(p, list) and all(isinstance(row, str) and len(row) == c for row in p) else p
+            if not isinstance(text, str) or len(text) != r * c or any(ch not in "# SG" for ch in text):
+                raise DataError(f"puzzle {i}: a {r}x{c} maze is a string of {r * c} characters (or {r} rows of {c}) "
+                                f"over '#' wall, ' ' open, 'S' start, 'G' goal")
+            if text.count("S") != 1 or text.count("G") != 1:
+                raise DataError(f"puzzle {i}: a maze needs exactly one 'S' and one 'G'")
+            out[i] = [CHARSET.index(ch) + 1 for ch in text]
+        return {"inputs": out}
+
+    def decode(self, tokens: np.ndarray, puzzle=None):
+        """Tokens -> the puzzle's form (a string, or a list of row strings) with the path as 'o';
+        '?' for a token outside "# SGo"."""
+        chars = "".join(CHARSET[t - 1] if 1 <= t <= len(CHARSET) else "?" for t in np.asarray(tokens).tolist())
+        if isinstance(puzzle, list):
+            c = self.config.cols
+            return [chars[i: i + c] for i in range(0, len(chars), c)]
+        return chars
+
+    def render_grid(self, tokens: np.ndarray, question: np.ndarray | None = None):
+        """Walls dark, open cells white, the path blue, S green, G red, other tokens magenta."""
+        palette = np.array([[255, 0, 200], [43, 43, 43], [255, 255, 255], [46, 204, 64], [255, 65, 54], [31, 119, 230]], dtype=np.uint8)
+        t = np.asarray(tokens, dtype=np.int64)
+        return palette[np.where((t >= 1) & (t <= len(CHARSET)), t, 0)].reshape(self.config.rows, self.config.cols, 3)
 
 
 def build_maze(config: MazeConfig, ctx) -> MazeTask:

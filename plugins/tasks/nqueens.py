@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import CapabilityError, UserError
+from dis_core.errors import CapabilityError, DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.metrics import Tally, final_and_ran
 from dis_core.reveal import ranked_reveal
@@ -182,6 +182,70 @@ class NQueensTask:
         # differ are exactly the missing queens (every given queen is part of the solution).
         rank = torch.arange(y.shape[-1], device=y.device).expand_as(y)  # (B, L)
         return ranked_reveal(x, y, rank, n_sup)
+
+
+    # ---- using a trained model (optional Task methods: dis predict, trajectory pictures) ----
+
+    def encode_inputs(self, puzzles: list) -> dict[str, np.ndarray]:
+        """Boards -> {"inputs": (K, n*n)}. A board is n strings of n characters ('Q' (or 'q',
+        '1', 'X') a queen, anything of '.', '0', '_', '-', ' ' empty) or n rows of n 0/1 ints."""
+        n = self.config.board_size
+        out = np.full((len(puzzles), n * n), EMPTY, dtype=np.int64)
+        for i, board in enumerate(puzzles):
+            out[i] = _board_tokens(board, n, i)
+        return {"inputs": out}
+
+    def decode(self, tokens: np.ndarray, puzzle=None):
+        """Tokens -> a board in the puzzle's own form: rows of 0/1 ints for an int board, else
+        strings of 'Q' and '.' ('?' for a token that is neither)."""
+        n = self.config.board_size
+        grid = np.asarray(tokens).reshape(n, n)
+        if isinstance(puzzle, list) and puzzle and isinstance(puzzle[0], list):
+            return [[1 if t == QUEEN else 0 if t == EMPTY else -1 for t in row] for row in grid.tolist()]
+        return ["".join("Q" if t == QUEEN else "." if t == EMPTY else "?" for t in row) for row in grid.tolist()]
+
+    def render_grid(self, tokens: np.ndarray, question: np.ndarray | None = None) -> dict:
+        """A chess board: queens given in the question dark blue, placed ones black, queens
+        attacking another one red; a cell holding neither token red with '?'."""
+        n = self.config.board_size
+        t = np.asarray(tokens).reshape(n, n)
+        light, dark = np.array([240, 217, 181]), np.array([181, 136, 99])
+        r, c = np.indices((n, n))
+        rgb = np.where(((r + c) % 2 == 0)[..., None], light, dark)
+        bad = (t != QUEEN) & (t != EMPTY)
+        rgb[bad] = (230, 60, 60)
+        queen = t == QUEEN
+        attacked = np.zeros((n, n), dtype=bool)
+        if queen.any():
+            qr, qc = np.nonzero(queen)
+            for line in (qr, qc, qr - qc, qr + qc):
+                _, inverse, counts = np.unique(line, return_inverse=True, return_counts=True)
+                attacked[qr, qc] |= counts[inverse] > 1
+        given = queen & (np.asarray(question).reshape(n, n) == QUEEN) if question is not None else np.zeros_like(queen)
+        text = np.where(queen, "\u265b", np.where(bad, "?", "")).astype(object)
+        colour = np.zeros((n, n, 3), dtype=np.uint8)
+        colour[given] = (20, 50, 160)
+        colour[attacked] = (210, 0, 0)
+        colour[bad] = (255, 255, 255)
+        return {"rgb": rgb.astype(np.uint8), "text": text, "text_rgb": colour}
+
+
+def _board_tokens(board, n: int, index: int) -> np.ndarray:
+    where = f"puzzle {index}"
+    if isinstance(board, str):
+        board = [board[i * n:(i + 1) * n] for i in range(n)] if len(board) == n * n else board.split()
+    if not isinstance(board, list) or len(board) != n:
+        raise DataError(f"{where}: a board is a list of {n} rows (strings of {n} characters, or lists of {n} 0/1 values)")
+    out = np.full((n, n), EMPTY, dtype=np.int64)
+    for r, row in enumerate(board):
+        if len(row) != n:
+            raise DataError(f"{where}: row {r} has {len(row)} cells, the board is {n}x{n}")
+        for c, cell in enumerate(row):
+            if cell in ("Q", "q", "1", "X", "x", 1, True):
+                out[r, c] = QUEEN
+            elif cell not in (".", "0", "_", "-", " ", 0, False):
+                raise DataError(f"{where}: row {r} column {c}: {cell!r} is neither a queen ('Q' or 1) nor empty ('.' or 0)")
+    return out.ravel()
 
 
 def build_nqueens(config: NQueensConfig, ctx) -> NQueensTask:

@@ -19,7 +19,7 @@ import structlog
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import UserError
+from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.metrics import Tally
 from dis_core.reveal import ranked_reveal
@@ -197,6 +197,61 @@ class SudokuTask:
                 rows.append(rank_of(order, self.geo.cells))
             rank = torch.from_numpy(np.array(rows, dtype=np.int64)).to(inputs.device)
         return ranked_reveal(inputs, labels, rank.to(inputs.device), n_sup)
+
+
+    # ---- using a trained model (optional Task methods: dis predict, trajectory pictures) ----
+
+    def encode_inputs(self, puzzles: list) -> dict[str, np.ndarray]:
+        """Puzzles -> {"inputs": (K, n*n)}: a string of n*n characters ('.' or '0' blank,
+        digits 1..n; boards up to 9x9), as in the Sudoku-Extreme CSV, or n rows of n ints (0 blank)."""
+        n = self.geo.n
+        out = np.empty((len(puzzles), n * n), dtype=np.int64)
+        for i, p in enumerate(puzzles):
+            if isinstance(p, str):
+                if len(p) != n * n or n > 9 or any(ch not in ".0123456789"[: n + 2] for ch in p):
+                    raise DataError(f"puzzle {i}: a {n}x{n} Sudoku string has {n * n} characters, each '.', '0' or 1..{n}"
+                                    + (" (boards over 9x9 need rows of ints)" if n > 9 else ""))
+                digits = [0 if ch == "." else int(ch) for ch in p]
+            elif isinstance(p, list) and len(p) == n and all(isinstance(r, list) and len(r) == n for r in p):
+                digits = [v for r in p for v in r]
+                if not all(isinstance(v, int) and 0 <= v <= n for v in digits):
+                    raise DataError(f"puzzle {i}: cells must be ints 0 (blank) to {n}")
+            else:
+                raise DataError(f"puzzle {i}: a Sudoku is a string of {n * n} characters or {n} rows of {n} ints")
+            out[i] = np.asarray(digits, dtype=np.int64) + 1
+        return {"inputs": out}
+
+    def decode(self, tokens: np.ndarray, puzzle=None):
+        """Tokens -> the puzzle's form: a string ('.' blank, '?' a token that is no digit) or rows of
+        ints (0 blank, -1 no digit)."""
+        n = self.geo.n
+        digits = np.asarray(tokens, dtype=np.int64) - 1
+        digits = np.where((digits >= 0) & (digits <= n), digits, -1)
+        if isinstance(puzzle, list) or n > 9:
+            return digits.reshape(n, n).tolist()
+        return "".join("?" if d < 0 else "." if d == 0 else str(d) for d in digits.tolist())
+
+    def render_grid(self, tokens: np.ndarray, question: np.ndarray | None = None) -> dict:
+        """Digits on white, boxes outlined: givens black, filled-in digits blue, a digit repeated
+        in its row, column or box red; a token that is no digit '?' on red."""
+        n = self.geo.n
+        digits = np.asarray(tokens, dtype=np.int64) - 1
+        bad = (digits < 0) | (digits > n)
+        rgb = np.full((n * n, 3), 255, dtype=np.uint8)
+        rgb[bad] = (240, 150, 150)
+        units = self.geo.unit_index  # (3n, n) cells of each row, column and box
+        vals = np.where(bad, 0, digits)[units]  # (3n, n)
+        dup = np.zeros(n * n, dtype=bool)
+        for u, v in zip(units, vals):
+            seen, counts = np.unique(v[v > 0], return_counts=True)
+            dup[u] |= np.isin(v, seen[counts > 1])
+        given = (np.asarray(question, dtype=np.int64) - 1 > 0) if question is not None else np.zeros(n * n, bool)
+        text = np.array(["?" if b else "" if d == 0 else str(d) for d, b in zip(digits.tolist(), bad.tolist())], dtype=object)
+        colour = np.tile(np.array([[25, 90, 200]], dtype=np.uint8), (n * n, 1))
+        colour[given] = (0, 0, 0)
+        colour[dup & ~given] = (215, 0, 0)
+        return {"rgb": rgb.reshape(n, n, 3), "text": text.reshape(n, n), "text_rgb": colour.reshape(n, n, 3),
+                "boxes": (self.geo.box_rows, self.geo.box_cols)}
 
 
 def build_sudoku(config: SudokuConfig, ctx) -> SudokuTask:

@@ -101,6 +101,11 @@ def _grid(value, where: str) -> np.ndarray:
     return g.astype(np.uint8)
 
 
+def parse_grid(value, where: str) -> np.ndarray:
+    """A grid from JSON (rows of colours 0..9, at most 30x30) as uint8; DataError naming `where`."""
+    return _grid(value, where)
+
+
 def _pairs(items, where: str, kind: str) -> tuple[Pair, ...]:
     if not isinstance(items, list):
         raise DataError(f"{where}: `{kind}` must be a list of {{input, output}} pairs")

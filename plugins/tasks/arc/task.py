@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import attrs
+import numpy as np
 import structlog
 
 from dis_core.errors import UserError
@@ -13,9 +14,9 @@ from dis_core.interfaces import TaskSpec
 from dis_core.validators import non_negative, positive
 
 from .dataset import Corpus, TestSplit, TrainSplit
-from .encoding import SEQ_LEN, SIDE, VOCAB_SIZE
+from .encoding import SEQ_LEN, SIDE, VOCAB_SIZE, crop, render
 from .reference_layout import ReferenceLayout
-from .sources import check_disjoint, load_subset
+from .sources import check_disjoint, load_subset, parse_grid
 
 log = structlog.get_logger()
 
@@ -86,6 +87,47 @@ class ArcTask:
             else:
                 self._splits[split] = TestSplit(self.corpus, self.config.eval_variants)
         return self._splits[split]
+
+
+    # ---- using a trained model (optional Task methods: dis predict, trajectory pictures) ----
+
+    def encode_inputs(self, puzzles: list) -> dict[str, np.ndarray]:
+        """Test inputs -> tokens on the 30x30 canvas (top-left, untransformed). A puzzle is a grid
+        (rows of colours 0..9) or {"input": grid, "task_id": id}; a task id the corpus holds
+        selects that task's puzzle-embedding row (its original variant), any other input the
+        blank row 0."""
+        k = len(puzzles)
+        grids = np.zeros((k, SIDE, SIDE), dtype=np.uint8)
+        shapes = np.zeros((k, 2), dtype=np.int64)
+        ids = np.zeros(k, dtype=np.int64)
+        known = {} if self.corpus is None else {p.task_id: i for i, p in enumerate(self.corpus.puzzles)}
+        for i, item in enumerate(puzzles):
+            grid = item.get("input") if isinstance(item, dict) else item
+            g = parse_grid(grid, f"puzzle {i}")
+            grids[i, : g.shape[0], : g.shape[1]] = g
+            shapes[i] = g.shape
+            if isinstance(item, dict) and item.get("task_id") in known:
+                ids[i] = 1 + int(self.corpus.var_offset[known[item["task_id"]]])
+        identity = np.tile(np.arange(10, dtype=np.uint8), (k, 1))
+        zeros = np.zeros(k, dtype=np.int64)
+        return {"inputs": render(grids, shapes, zeros, identity, zeros, zeros).astype(np.int64), "puzzle_ids": ids}
+
+    def decode(self, tokens: np.ndarray, puzzle=None) -> list[list[int]]:
+        """Tokens -> the answer grid (the evaluator's crop: up to the first PAD/EOS)."""
+        return crop(np.asarray(tokens)[None])[0].astype(int).tolist()
+
+    def render_grid(self, tokens: np.ndarray, question: np.ndarray | None = None) -> np.ndarray:
+        """The ARC palette; canvas padding white, the end-of-grid marker (EOS) beige."""
+        t = np.asarray(tokens, dtype=np.int64)
+        return RENDER_PALETTE[np.clip(t, 0, len(RENDER_PALETTE) - 1)].reshape(SIDE, SIDE, 3)
+
+
+# PAD, EOS, then the 10 ARC colours (the palette of the ARC-AGI web viewer).
+RENDER_PALETTE = np.array([
+    [255, 255, 255], [222, 205, 170],
+    [0, 0, 0], [0, 116, 217], [255, 65, 54], [46, 204, 64], [255, 220, 0],
+    [170, 170, 170], [240, 18, 190], [255, 133, 27], [127, 219, 255], [135, 12, 37],
+], dtype=np.uint8)
 
 
 def build_arc_task(config: ArcConfig, ctx) -> ArcTask:
