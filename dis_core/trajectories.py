@@ -91,7 +91,9 @@ def _trim(panels: list[np.ndarray], pad_id: int) -> tuple[int, int]:
     return r, c
 
 
-def _draw_panel(ax, drawn: dict, keep: tuple[int, int], title: str, outline=None, outline_colour=CHANGED, dashed=False) -> None:
+def _draw_panel(ax, drawn: dict, keep: tuple[int, int], cell_pt: float, title: str, outline=None, outline_colour=CHANGED,
+                dashed=False) -> None:
+    """One grid; `cell_pt` is a cell's side in points (sizes the text and the outlines)."""
     from matplotlib.patches import Rectangle
 
     r, c = keep
@@ -102,8 +104,6 @@ def _draw_panel(ax, drawn: dict, keep: tuple[int, int], title: str, outline=None
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=11)
-    bbox = ax.get_window_extent()
-    cell_pt = min(bbox.width / c, bbox.height / r) * 72 / ax.figure.dpi  # a cell's side in points
     if max(r, c) <= 40:
         for i in range(1, r):
             ax.axhline(i, color="#9a9a9a", lw=0.4)
@@ -123,7 +123,8 @@ def _draw_panel(ax, drawn: dict, keep: tuple[int, int], title: str, outline=None
                 s = text[i][j]
                 if s:
                     col = tuple(np.asarray(colours[i][j]) / 255) if colours is not None else "black"
-                    ax.text(j + 0.5, i + 0.52, s, ha="center", va="center", fontsize=cell_pt * 0.62, color=col,
+                    size = cell_pt * (0.75 if len(s) == 1 else 0.55)
+                    ax.text(j + 0.5, i + 0.52, s, ha="center", va="center", fontsize=size, color=col,
                             fontweight="bold")
     if outline is not None:
         # A white stroke under the coloured one, so the outline shows on every cell colour.
@@ -170,17 +171,17 @@ def draw_example(task, inputs: np.ndarray, labels: np.ndarray | None, preds: np.
     fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, nrows * (side * aspect + 0.45) + 0.8), dpi=100, squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    fig.canvas.draw()  # sizes the axes, so cells know their size in points
-    _draw_panel(axes.flat[0], _render(task, inputs, inputs), keep, "question")
+    cell_pt = 0.85 * 72 * side / keep[1]  # a cell's side in points, about (the titles take some room)
+    _draw_panel(axes.flat[0], _render(task, inputs, inputs), keep, cell_pt, "question")
     previous = inputs
     for s, frame in enumerate(frames, 1):
         changed = cells(frame) != cells(previous)
-        _draw_panel(axes.flat[s], _render(task, frame, inputs), keep, f"step {s}: {int(changed.sum())} changed", changed)
+        _draw_panel(axes.flat[s], _render(task, frame, inputs), keep, cell_pt, f"step {s}: {int(changed.sum())} changed", changed)
         previous = frame
     if has_answer:
         miss = cells(final) != cells(answer)
         miss &= cells(np.where(supervised, 1, 0)).astype(bool)
-        _draw_panel(axes.flat[n - 1], _render(task, answer, inputs), keep, "answer" if not wrong else f"answer ({wrong} wrong)",
+        _draw_panel(axes.flat[n - 1], _render(task, answer, inputs), keep, cell_pt, "answer" if not wrong else f"answer ({wrong} wrong)",
                     miss, WRONG, dashed=True)
     verdict = "" if not has_answer else ("final answer correct" if not wrong else f"final answer: {wrong} cell(s) wrong")
     head = " · ".join(x for x in (title, f"{steps} step(s)", verdict) if x)

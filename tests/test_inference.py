@@ -159,9 +159,10 @@ def test_eval_under_a_launcher_is_sliced_and_merged(run, tmp_path):
     saved = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
     assert saved["world_size"] == 2
     assert saved["metrics"]["nqueens/count"] == 12
-    # Summed counts and rates agree with the single-process run (up to float summation order).
+    # Counts and rates agree with the single-process run, up to the order of fp32 partial sums
+    # (the exact evaluator sums per-example accuracies batch by batch).
     for key, value in _evaluator_metrics(summary).items():
-        assert saved["metrics"][key] == pytest.approx(value, abs=1e-9), key
+        assert saved["metrics"][key] == pytest.approx(value, rel=1e-6), key
 
 
 
