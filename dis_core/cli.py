@@ -49,6 +49,16 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
 
+    check = sub.add_parser("check", help="run every component of a recipe once on a tiny batch, checking what each returns")
+    _run_args(check)
+    check.add_argument("--batch", type=int, default=4, help="examples in the training step and the evaluation rollout")
+    check.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
+    show = sub.add_parser("show", help="print examples with their per-step target path, as grids")
+    _run_args(show)
+    show.add_argument("--examples", type=int, default=3, metavar="N", help="the first N examples of the split")
+    show.add_argument("--split", default="train", choices=["train", "test"])
+    show.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
+
     from dis_core.compare import X_AXES  # stdlib and attrs only: cheap
 
     cmp_ = sub.add_parser("compare", help="compare finished runs: metrics against cost, table and plot")
@@ -235,6 +245,26 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from dis_core.kit import check_recipe, format_rows
+
+    registry, resolved = _load(args)
+    rows = check_recipe(resolved, registry, data_dir=args.data_dir, batch_size=args.batch)
+    print(format_rows(rows))
+    return 0 if all(r.ok for r in rows) else 2
+
+
+def cmd_show(args) -> int:
+    import shutil
+
+    from dis_core.kit import show_examples
+
+    registry, resolved = _load(args)
+    width = shutil.get_terminal_size((100, 24)).columns
+    print(show_examples(resolved, registry, data_dir=args.data_dir, examples=args.examples, split=args.split, width=width))
+    return 0
+
+
 def cmd_compare(args) -> int:
     from dis_core.compare import compare
 
@@ -242,7 +272,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plugins": cmd_plugins, "bench": cmd_bench, "compare": cmd_compare}
+COMMANDS = {"run": cmd_run, "plugins": cmd_plugins, "bench": cmd_bench, "compare": cmd_compare, "check": cmd_check, "show": cmd_show}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dis_core.checks import BatchCheck
 from dis_core.errors import PluginError, UserError
 from dis_core.interfaces import Batch, Dataset, PuzzleGroups
 
@@ -193,8 +194,14 @@ def to_torch(arrays: dict[str, np.ndarray], device: torch.device | str = "cpu") 
     return out
 
 
-def fetch(dataset: Dataset, indices: np.ndarray, device: torch.device | str = "cpu") -> Batch:
-    return to_torch(dataset.get(np.asarray(indices, dtype=np.int64)), device)
+def fetch(dataset: Dataset, indices: np.ndarray, device: torch.device | str = "cpu", check: BatchCheck | None = None) -> Batch:
+    """The examples `indices` as tensors on `device`. What `get` returns is checked first (cheap:
+    numpy, before any copy to the device): `check` (`Boundary.batch`) names the task and its
+    plugin and checks against its spec; without it only the spec-free part is checked."""
+    idx = np.asarray(indices, dtype=np.int64)
+    arrays = dataset.get(idx)
+    (check or BatchCheck())(arrays, idx)
+    return to_torch(arrays, device)
 
 
 def eval_chunks(size: int, batch: int, rank: int, world: int):

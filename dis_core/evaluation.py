@@ -28,9 +28,10 @@ def eval_batch_size(requested: int, world: int) -> int:
 @torch.inference_mode()
 def evaluate(backbone: torch.nn.Module, puzzle_emb, dataset, evaluators: dict, rule: StepRule, halting, *,
              batch_size: int, limit: int | None, device, generator: torch.Generator | None,
-             out_dir: Callable[[str], Path | None], bf16: bool = False) -> dict[str, float]:
+             out_dir: Callable[[str], Path | None], bf16: bool = False, check=None) -> dict[str, float]:
     """`<evaluator>/<metric>` metrics on rank 0 ({} elsewhere). The caller sets eval mode (and
-    swaps in EMA weights); `out_dir(name)` is where evaluator `name` may write files."""
+    swaps in EMA weights); `out_dir(name)` is where evaluator `name` may write files; `check`
+    (`dis_core.checks.Boundary.batch`) checks each test batch against the task's spec."""
     rank, world = dist.rank(), dist.world_size()
     for ev in evaluators.values():
         ev.reset()
@@ -38,7 +39,7 @@ def evaluate(backbone: torch.nn.Module, puzzle_emb, dataset, evaluators: dict, r
     batch_size = eval_batch_size(batch_size, world)
     with progress(math.ceil(size / batch_size), "eval", rank=rank, unit="batch") as bar:
         for idx, n_real in eval_chunks(size, batch_size, rank, world):
-            batch = fetch(dataset, idx, device)
+            batch = fetch(dataset, idx, device, check)
             emb = puzzle_emb(batch["puzzle_ids"]) if puzzle_emb is not None else None
             out = rollout(backbone, batch, rule, halting, puzzle_emb=emb, generator=generator, bf16=bf16)
             if n_real:

@@ -7,6 +7,7 @@ import structlog
 import torch
 
 from dis_core.accounting import StepCost, per_example
+from dis_core.checks import Boundary
 from dis_core.data import fetch
 from dis_core.diagnostics import sample_indices, target_report
 from dis_core.plugins import installed_versions
@@ -30,12 +31,14 @@ def static_figures(comp) -> dict:
     return figures
 
 
-def check_targets(comp, dataset, recipe) -> dict:
+def check_targets(comp, dataset, recipe, boundary: Boundary | None = None) -> dict:
     """Per-step Hamming distance of the targets of 256 training examples to y*; warns when a
-    generator that declares monotone paths is not monotone."""
+    generator that declares monotone paths is not monotone. The batch and the frames pass the
+    boundary checks (`boundary` names the plugins; by default only the components)."""
+    boundary = boundary or Boundary.of(comp)
     seed = recipe.train.seed
-    sample = fetch(dataset, sample_indices(len(dataset), 256, seed))
-    frames = comp.targets(sample, recipe.supervision.n_sup, torch.Generator().manual_seed(seed))
+    sample = fetch(dataset, sample_indices(len(dataset), 256, seed), check=boundary.batch)
+    frames = boundary.frames(comp.targets(sample, recipe.supervision.n_sup, torch.Generator().manual_seed(seed)), sample)
     report = target_report(frames, sample["labels"])
     log.info("targets", **{k: round(v, 3) for k, v in report.items()})
     if comp.targets.monotone and report["monotone_share"] < 1.0:

@@ -20,7 +20,7 @@ import attrs
 import structlog
 import torch
 
-from dis_core import checkpoint, evaluation, guards
+from dis_core import checkpoint, checks, evaluation, guards
 from dis_core import engine as dist
 from dis_core.accounting import Ledger, StepCost
 from dis_core.build import build_components
@@ -54,6 +54,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.comp = build_components(resolved, registry, data_dir or Path("data"))
+        self.boundary = checks.Boundary.of(self.comp, registry)  # plugin outputs checked where they enter
         self.spec = self.comp.task.spec
         self.train_set, self.test_set = self.comp.task.dataset("train"), self.comp.task.dataset("test")
         self.cost = StepCost.of(self.comp.backbone, self.spec.seq_len, self.comp.halting)
@@ -157,8 +158,8 @@ class Trainer:
         rows = self.carry.halted.nonzero().flatten()
         if len(rows) == 0:
             return 0
-        new = fetch(self.train_set, self.stream.take(len(rows)), self.device)
-        targets = self.comp.targets(new, self.rule.n_sup, self.generator).to(self.device)
+        new = fetch(self.train_set, self.stream.take(len(rows)), self.device, self.boundary.batch)
+        targets = self.boundary.frames(self.comp.targets(new, self.rule.n_sup, self.generator), new).to(self.device)
         self.carry.refill(rows, new, targets, self.comp.backbone.initial_state(len(rows)))
         return len(rows)
 
@@ -204,7 +205,7 @@ class Trainer:
                 return evaluation.evaluate(
                     module.backbone, self.puzzle_emb, self.test_set, self.comp.evaluators, self.rule, self.comp.halting,
                     batch_size=cfg.eval_batch_size or cfg.global_batch_size, limit=cfg.eval_limit, device=self.device,
-                    generator=self.generator, out_dir=lambda name: self.run.eval_dir(self.step, name),
+                    generator=self.generator, out_dir=lambda name: self.run.eval_dir(self.step, name), check=self.boundary.batch,
                     bf16=self.precision == "bf16",
                 )
         finally:
@@ -220,7 +221,7 @@ class Trainer:
         cfg = self.train_cfg
         self.run.create()
         self.run.write_recipe(self.resolved.to_dict())
-        self.targets_report = check_targets(self.comp, self.train_set, self.recipe)
+        self.targets_report = check_targets(self.comp, self.train_set, self.recipe, self.boundary)
         self.run.write_json("run.json", run_info(self, registry))
         self.engine.module.train()
         log.info(

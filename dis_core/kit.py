@@ -1,0 +1,273 @@
+"""`dis check` and `dis show`: a plugin author's view of a recipe, without training it.
+
+`check_recipe` builds everything on a tiny batch in a temporary run directory and runs each
+component once, through the boundary checks of `dis_core.checks` and the contracts of
+`dis_core.testing`: the task's batches, the target generator, the backbone, the halting strategy,
+the optimizer, one training supervision step (forward, backward, optimizer step), one evaluation
+rollout and every evaluator on it. One `Row` per component; nothing is trained past that step.
+
+`show_examples` prints examples with the target path their generator gives them, as grids
+(`spec.grid_shape`) or rows of tokens, marking the cells each frame changes: what an author of a
+plan file (docs/plan_format.md) or of a generator needs to see.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import numpy as np
+import torch
+
+from dis_core import testing
+from dis_core.checks import Boundary, Who, check_metrics
+from dis_core.data import fetch
+from dis_core.diagnostics import hamming_to_labels, target_report
+from dis_core.errors import DisError
+from dis_core.interfaces import IGNORE, EvalRecord
+
+
+@attrs.frozen
+class Row:
+    """One component's result: `problem` is None when it passed; `note` says what was run."""
+
+    kind: str
+    name: str
+    plugin: str | None
+    problem: str | None = None
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def _run(who: Who, fn: Callable[[], str], needs: dict[str, bool], rows: list[Row]) -> bool:
+    """Run one check; its Row goes to `rows`. True when it passed."""
+    missing = [k for k, ok in needs.items() if not ok]
+    if missing:
+        rows.append(Row(who.kind, who.name, who.plugin, f"skipped: needs {', '.join(missing)}, which failed"))
+        return False
+    try:
+        note = fn()
+    except (AssertionError, DisError) as exc:
+        rows.append(Row(who.kind, who.name, who.plugin, str(exc) or type(exc).__name__))
+        return False
+    except Exception as exc:  # a raw error from the plugin's code: name it, do not crash the report
+        rows.append(Row(who.kind, who.name, who.plugin, f"{type(exc).__name__}: {exc}"))
+        return False
+    rows.append(Row(who.kind, who.name, who.plugin, None, note or ""))
+    return True
+
+
+def tiny(resolved, batch_size: int = 4):
+    """The recipe with a batch of `batch_size` (or the recipe's, if smaller) and one step."""
+    train = resolved.recipe.train
+    B = min(train.global_batch_size, batch_size)
+    train = attrs.evolve(train, global_batch_size=B, micro_batch_size=None, eval_batch_size=B, eval_limit=B,
+                         steps=1, epochs=None)
+    return attrs.evolve(resolved, recipe=attrs.evolve(resolved.recipe, train=train))
+
+
+def check_recipe(resolved, registry, *, data_dir: Path = Path("data"), batch_size: int = 4) -> list[Row]:
+    """Build the recipe and run every component once on a tiny batch; one Row per component."""
+    from dis_core.rundir import release_lock
+    from dis_core.supervision import rollout
+    from dis_core.trainer import Trainer
+
+    resolved = tiny(resolved, batch_size)
+    recipe = resolved.recipe
+    n_sup, seed = recipe.supervision.n_sup, recipe.train.seed
+    who = {
+        "task": Who.of(registry, "task", recipe.task.name),
+        "backbone": Who.of(registry, "backbone", recipe.backbone.name),
+        "targets": Who.of(registry, "target_generator", recipe.targets.name),
+        "halting": Who.of(registry, "halting", recipe.halting.name),
+        "optimizer": Who.of(registry, "optimizer", recipe.train.optimizer.name),
+    }
+    rows: list[Row] = []
+    tmp = Path(tempfile.mkdtemp(prefix="dis-check-"))
+    run_dir = tmp / "run"
+    try:
+        try:
+            trainer = Trainer(resolved, registry, run_dir, data_dir=data_dir)
+        except DisError as exc:  # a factory, a Protocol, a combination of components
+            return [Row("build", resolved.source, None, str(exc))]
+        comp = trainer.comp
+        boundary = trainer.boundary
+        task, spec = comp.task, comp.task.spec
+        ok: dict[str, bool] = {}
+        state: dict = {}
+
+        def task_check() -> str:
+            train, test = task.dataset("train"), task.dataset("test")
+            state["train"] = fetch(train, np.arange(min(len(train), batch_size)), check=boundary.batch)
+            state["test"] = fetch(test, np.arange(min(len(test), batch_size)), check=boundary.batch)
+            testing.check_task(task, n_sup=n_sup)
+            return f"{len(train)} train / {len(test)} test examples, seq_len {spec.seq_len}, vocab_size {spec.vocab_size}"
+
+        def targets_check() -> str:
+            batch = state["train"]
+            frames = boundary.frames(comp.targets(batch, n_sup, torch.Generator().manual_seed(seed)), batch)
+            testing.check_target_generator(comp.targets, task, n_sup=n_sup, final_is_labels=False)
+            report = target_report(frames, batch["labels"])
+            path = " ".join(f"{report[f'hamming@{s}']:.3g}" for s in range(1, n_sup + 1))
+            note = f"distance to y* by step: {path}"
+            if report["final_distance"] > 0:
+                note += "; warning: the last frame is not y* (see 'dis show')"
+            return note
+
+        def backbone_check() -> str:
+            testing.check_backbone(copy.deepcopy(comp.backbone).cpu(), spec, n_sup=n_sup)
+            calls, grad_calls = comp.backbone.calls_per_step()
+            params = sum(p.numel() for p in comp.backbone.parameters())
+            return f"{params:,} parameters, {calls} network calls per step ({grad_calls} with gradient)"
+
+        def halting_check() -> str:
+            testing.check_halting(comp.halting, n_sup=n_sup)
+            return f"max_steps {comp.halting.max_steps}, q-head {'used' if comp.halting.uses_q_head else 'unused'}"
+
+        def optimizer_check() -> str:
+            testing.check_optimizer(comp.make_optimizer)
+            return "make(params) builds an optimizer that lowers a small loss"
+
+        def train_check() -> str:
+            out = trainer.train_step()
+            if out is None or not bool(torch.isfinite(out.loss.detach()).all()):
+                raise AssertionError("the training step's loss or gradient is not finite")
+            bad = [n for n, p in trainer.engine.module.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+            if bad:
+                raise AssertionError(f"the optimizer step left non-finite parameters: {', '.join(bad[:3])}")
+            return (f"loss {float(out.loss.detach()):.4f} on {recipe.train.global_batch_size} slots: forward, backward, optimizer step "
+                    f"({', '.join(out.losses)})")
+
+        @torch.inference_mode()
+        def eval_check() -> str:
+            module = trainer.engine.module
+            module.eval()
+            batch = {k: v.to(trainer.device) for k, v in state["test"].items()}
+            emb = trainer.puzzle_emb(batch["puzzle_ids"]) if trainer.puzzle_emb is not None else None
+            out = rollout(module.backbone, batch, trainer.rule, comp.halting, puzzle_emb=emb, generator=torch.Generator().manual_seed(seed))
+            state["record"] = EvalRecord(batch={k: v.cpu() for k, v in batch.items()}, preds=out.preds.cpu(),
+                                         q_halt=out.q_halt.cpu(), steps=out.steps.cpu())
+            return f"{len(out.steps)} test examples, steps run {out.steps.tolist()}"
+
+        ok["task"] = _run(who["task"], task_check, {}, rows)
+        ok["target generator"] = _run(who["targets"], targets_check, {"task": ok["task"]}, rows)
+        ok["backbone"] = _run(who["backbone"], backbone_check, {}, rows)
+        ok["halting"] = _run(who["halting"], halting_check, {}, rows)
+        ok["optimizer"] = _run(who["optimizer"], optimizer_check, {}, rows)
+        ok["training step"] = _run(Who("step", "training"), train_check, {k: ok[k] for k in ok}, rows)
+        needs = {"task": ok["task"], "backbone": ok["backbone"], "halting": ok["halting"]}
+        ok["evaluation"] = _run(Who("step", "evaluation"), eval_check, needs, rows)
+        for i, (name, ev) in enumerate(comp.evaluators.items()):
+            evaluator_who = Who.of(registry, "evaluator", recipe.evaluators[i].name)
+            out_dir = tmp / "eval" / name
+
+            def evaluator_check(ev=ev, who=evaluator_who, out_dir=out_dir) -> str:
+                ev.reset()
+                ev.update(state["record"])
+                metrics = check_metrics(ev.compute([pickle.loads(pickle.dumps(ev.state()))], out_dir), who)
+                testing.check_evaluator(ev, task, out_dir=out_dir / "contract")
+                head = metrics.get(ev.headline)
+                return f"{ev.headline} = {head:.4g} after one step" if head is not None else f"metrics: {', '.join(metrics)}"
+
+            _run(evaluator_who, evaluator_check, {"evaluation": ok["evaluation"]}, rows)
+        return rows
+    finally:
+        release_lock(run_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_rows(rows: list[Row]) -> str:
+    """One line per component: kind, name, plugin, ok or FAIL, and the note or the problem."""
+    table = [(r.kind, r.name, r.plugin or "-", "ok" if r.ok else "FAIL", r.note if r.ok else r.problem) for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(t[:3], widths)) + f"  {t[3]:4s}  {t[4]}" for t in table]
+    failed = sum(not r.ok for r in rows)
+    lines.append(f"{len(rows) - failed} of {len(rows)} checks passed" if failed else f"all {len(rows)} checks passed")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ dis show
+
+
+def _cells(values: np.ndarray, changed: np.ndarray, width: int) -> list[str]:
+    """One string per cell: the token right-aligned (IGNORE as '.'), then '*' when changed."""
+    out = []
+    for v, c in zip(values.tolist(), changed.tolist()):
+        out.append(("." if v == IGNORE else str(v)).rjust(width) + ("*" if c else " "))
+    return out
+
+
+def render_example(inputs: np.ndarray, frames: np.ndarray, labels: np.ndarray, grid_shape, *, width: int = 100) -> list[str]:
+    """Lines showing x, every frame and y*: side-by-side grids when `grid_shape` is set, else one
+    row of tokens per frame. A `*` follows each cell that differs from the panel before it."""
+    panels = [("x", inputs, np.zeros_like(inputs, dtype=bool))]
+    prev = inputs
+    for s, frame in enumerate(frames, start=1):
+        panels.append((f"step {s}", frame, frame != prev))
+        prev = frame
+    panels.append(("y*", labels, labels != prev))
+    w = max(len("." if v == IGNORE else str(v)) for _, vals, _ in panels for v in vals.tolist())
+    if grid_shape is None:
+        label_w = max(len(p[0]) for p in panels)
+        return [(f"{name.ljust(label_w)}  " + "".join(_cells(vals, ch, w))).rstrip() for name, vals, ch in panels]
+    rows, cols = grid_shape
+    blocks = []
+    for name, vals, ch in panels:
+        cells = _cells(vals, ch, w)
+        grid = ["".join(cells[r * cols:(r + 1) * cols]) for r in range(rows)]
+        pw = max(len(name), len(grid[0]))
+        blocks.append([name.ljust(pw)] + [g.ljust(pw) for g in grid])
+    lines, line_blocks, used = [], [], 0
+    for block in blocks + [None]:
+        if block is None or (line_blocks and used + len(block[0]) + 3 > width):
+            lines += ["   ".join(parts).rstrip() for parts in zip(*line_blocks)] + [""]
+            line_blocks, used = [], 0
+        if block is not None:
+            line_blocks.append(block)
+            used += len(block[0]) + 3
+    return lines[:-1]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def show_examples(resolved, registry, *, data_dir: Path = Path("data"), examples: int = 3, split: str = "train",
+                  width: int = 100) -> str:
+    """The first `examples` examples of `split` with the target path the recipe's generator gives
+    them (its random draws seeded with train.seed, as the run's targets report)."""
+    from dis_core.build import build_components
+
+    recipe = resolved.recipe
+    comp = build_components(resolved, registry, data_dir)
+    boundary = Boundary.of(comp, registry)
+    spec, n_sup = comp.task.spec, recipe.supervision.n_sup
+    ds = comp.task.dataset(split)
+    idx = np.arange(min(examples, len(ds)))
+    batch = fetch(ds, idx, check=boundary.batch)
+    frames = boundary.frames(comp.targets(batch, n_sup, torch.Generator().manual_seed(recipe.train.seed)), batch)
+    distance = hamming_to_labels(frames, batch["labels"])  # (B, N)
+    grid = spec.grid_shape
+    lines = [
+        f"# {resolved.source}: {_count(len(idx), split + ' example')}; the target path of {boundary.frames.who} over "
+        f"n_sup = {n_sup} steps (its random draws seeded with train.seed)",
+        f"# {'grids of ' + 'x'.join(map(str, grid)) if grid else 'rows of ' + str(spec.seq_len) + ' tokens'}; "
+        f"'*' marks a cell changed since the panel before it, '.' an unsupervised cell (IGNORE)",
+    ]
+    for b in range(len(idx)):
+        x, y, f = (t[b].cpu().numpy() for t in (batch["inputs"], batch["labels"], frames))
+        differ = int(((x != y) & (y != IGNORE)).sum())
+        d = distance[b].tolist()
+        monotone = "monotone" if all(b2 <= a for a, b2 in zip(d, d[1:])) else "NOT monotone"
+        lines += ["", f"example_id {int(batch['example_ids'][b])} (puzzle_id {int(batch['puzzle_ids'][b])}): "
+                      f"{_count(differ, 'cell')} of x differ from y*; distance to y* by step {' '.join(map(str, d))} ({monotone})"]
+        lines += render_example(x, f, y, grid, width=width)
+    return "\n".join(lines)
