@@ -23,7 +23,23 @@ from dis_core.errors import DisError, RecipeError, RunDiverged, UserError
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe TOML file, e.g. recipes/nqueens_quick.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set train.steps=100 (repeatable; values are TOML)")
+                   help="override a recipe key, e.g. --set train.steps=100 (repeatable; values are TOML; "
+                        "a relative path is relative to the current directory)")
+    plugin_arg(p)
+
+
+def plugin_arg(p: argparse.ArgumentParser) -> None:
+    """`--plugin MODULE` (repeatable); `extra_plugins(args)` turns it into plugins to load."""
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                   help="load a plugin module for this command only: an importable module name or the path "
+                        "of a .py file (repeatable), like pytest's -p")
+
+
+def extra_plugins(args) -> tuple:
+    """The modules `--plugin` names, for `load_registry(extra_plugins=...)`."""
+    from dis_core.plugins import load_plugin_modules
+
+    return load_plugin_modules(getattr(args, "plugins", None) or [])
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -42,6 +58,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list installed components and the plugins providing them")
     plugins.add_argument("--json", action="store_true")
+    plugin_arg(plugins)
 
     bench = sub.add_parser("bench", help="time training supervision steps of a recipe")
     _run_args(bench)
@@ -78,20 +95,26 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plugin_rows(registry) -> list[dict]:
+    """`dis plugins --json`: a row per component, in the slot table's order (with the recipe key
+    that names its kind), then a row per broken plugin."""
+    rows = [{**e.record(), "doc": e.doc, "recipe_key": registry.slot(e.kind).key} for e in registry.entries()]
+    # A broken plugin's components are unknown: one row for the plugin, with "broken" set.
+    rows += [{"kind": None, "name": None, "plugin": b.name, "version": b.version, "doc": "", "broken": b.error,
+              "entry_point": b.entry_point, "distribution": b.distribution} for b in registry.broken]
+    return rows
+
+
 def cmd_plugins(args) -> int:
     from dis_core.plugins import load_registry
 
-    registry = load_registry()
+    registry = load_registry(extra_plugins=extra_plugins(args))
     entries, broken = registry.entries(), registry.broken
     if args.json:
-        rows = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "version": e.version, "doc": e.doc} for e in entries]
-        # A broken plugin's components are unknown: one row for the plugin, with "broken" set.
-        rows += [{"kind": None, "name": None, "plugin": b.name, "version": b.version, "doc": "", "broken": b.error,
-                  "entry_point": b.entry_point, "distribution": b.distribution} for b in broken]
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(plugin_rows(registry), indent=2))
         return 0
     rows = [("KIND", "NAME", "PLUGIN", "VERSION", "DESCRIPTION")]
-    rows += [(e.kind, e.name, e.plugin, e.version or "-", e.doc) for e in entries]
+    rows += [(e.kind, e.name, e.plugin + (" (--plugin)" if e.loaded_by else ""), e.version or "-", e.doc) for e in entries]
     rows += [("BROKEN", "?", b.name, b.version or "-", f"failed to load: {b.error}") for b in broken]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
@@ -119,7 +142,7 @@ def _load(args):
     from dis_core.recipe import load_recipe
 
     _check_paths(args)
-    registry = load_registry()
+    registry = load_registry(extra_plugins=extra_plugins(args))
     if int(os.environ.get("RANK", "0")) == 0:
         for b in registry.broken:  # named once; only a recipe that needs the plugin fails
             print(f"warning: {b.describe()} failed to load and is skipped: {b.error}", file=sys.stderr)

@@ -1,46 +1,39 @@
-"""The plugin contract: one hook per component kind.
+"""The plugin contract: one hook per component kind, generated from the slot table.
 
 Every hook receives a `register` callback: `register(name, config_cls, factory)`.
 `config_cls` is a frozen attrs class (the recipe's `config` table is structured into it);
 `factory(config, ctx)` builds the component, where `ctx` is a `dis_core.interfaces.BuildContext`.
-The long explanation of each kind lives in docs/hooks.md; the interfaces in
-`dis_core.interfaces` state shapes and ownership.
+The hooks (`register_tasks`, `register_backbones`, ...) are the `hook` column of
+`dis_core.slots.SLOTS`, each with the row's `doc` as its docstring. The long explanation of each
+kind lives in docs/hooks.md; the interfaces in `dis_core.interfaces` state shapes and ownership.
 """
 
 from __future__ import annotations
 
 import pluggy
 
+from dis_core.slots import SLOTS, Slot
+
 PROJECT = "dis"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-@hookspec
-def register_tasks(register):
-    """Register puzzle tasks (data, encoding, splits). Factory returns a `Task`."""
+def _hookspec(slot: Slot):
+    def hook(register):
+        pass
+
+    hook.__name__ = hook.__qualname__ = slot.hook
+    hook.__doc__ = slot.doc
+    hook.__module__ = __name__
+    return hookspec(hook)
 
 
-@hookspec
-def register_backbones(register):
-    """Register recursive backbones. Factory returns a `Backbone` (an nn.Module)."""
+def specs_for(slots: tuple[Slot, ...]) -> type:
+    """A namespace holding one hookspec per slot, for `PluginManager.add_hookspecs`."""
+    return type("HookSpecs", (), {slot.hook: _hookspec(slot) for slot in slots})
 
 
-@hookspec
-def register_target_generators(register):
-    """Register intermediate-target generators. Factory returns a `TargetGenerator`."""
-
-
-@hookspec
-def register_halting_strategies(register):
-    """Register halting strategies. Factory returns a `HaltingStrategy`."""
-
-
-@hookspec
-def register_evaluators(register):
-    """Register evaluators. Factory returns an `Evaluator`."""
-
-
-@hookspec
-def register_optimizers(register):
-    """Register optimizers. Factory returns a callable `params -> torch.optim.Optimizer`."""
+# The builtin table's hooks as module functions: what `help(dis_core.hookspecs)` and the docs
+# tests read.
+globals().update({slot.hook: _hookspec(slot) for slot in SLOTS})

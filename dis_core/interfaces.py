@@ -18,11 +18,13 @@ so components always see int64.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, NoReturn, Protocol, runtime_checkable
 
 import attrs
 import numpy as np
 import torch
+
+from dis_core.errors import PluginError, UserError
 
 IGNORE = -100
 """Label value of cells that are not supervised (the torch cross-entropy convention)."""
@@ -237,11 +239,55 @@ OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
 @attrs.frozen(kw_only=True)
 class BuildContext:
-    """Handed to every factory. Later components see the earlier ones (task first)."""
+    """Handed to every factory. Components are built in the order of the slot table
+    (dis_core/slots.py), the task first; every later factory sees it as `task` and its encoding
+    as `spec`. `build` makes further components through the registry and `fail` reports a
+    problem against the component's recipe path."""
 
     seed: int
     n_sup: int
     data_dir: Path  # where tasks may cache prepared data
     task: Any = None  # the built Task (None while the task itself is being built)
-    spec: TaskSpec | None = None
-    component: str = ""  # recipe path of the component being built, for error messages
+    _spec: TaskSpec | None = attrs.field(default=None, alias="spec")  # default: task.spec
+    component: str = ""  # recipe path of the component being built ("$.evaluators[0]")
+    config_path: str = ""  # recipe path of its config table, when not `<component>.config` (see `build`)
+    source: str = ""  # the recipe file
+    # The dis_core.registry.Registry that `build` uses; None (a context made by hand, in a
+    # plugin's tests): the installed plugins, loaded when `build` is called.
+    registry: Any = attrs.field(default=None, repr=False, eq=False)
+
+    @property
+    def spec(self) -> TaskSpec:
+        """The task's encoding: set for every component built after the task."""
+        if self._spec is not None:
+            return self._spec
+        if self.task is not None:
+            return self.task.spec
+        raise PluginError(
+            f"{self.component or 'a factory'}: ctx.spec is read while the task itself is being built (or in a "
+            f"BuildContext made without task or spec): the task defines the spec, and every component built "
+            f"after it sees it"
+        )
+
+    def fail(self, message: str, *, at: str = "", error: type[UserError] = UserError) -> NoReturn:
+        """Raise `error` (a UserError) as `<recipe> @ <component path>[.<at>]: <message>`; `at`
+        is relative to the component ("config.mask_token": a key of its config table)."""
+        if self.config_path and (at == "config" or at.startswith("config.")):
+            where = self.config_path + at[len("config"):]
+        else:
+            where = ".".join(p for p in (self.component, at) if p)
+        prefix = " @ ".join(p for p in (self.source, where) if p)
+        raise error(f"{prefix}: {message}" if prefix else message)
+
+    def build(self, kind: str, name: str, config: dict | None = None, *, at: str = "", config_at: str | None = None) -> Any:
+        """Component `name` of `kind`, built through the registry from a raw `config` table:
+        looked up, structured into its config class, its factory called (with this context,
+        its `component` moved to `at`) and its result checked. `at` is where the name stands
+        relative to this component ("config.fallback"), `config_at` where the table stands
+        (default `<at>.config`); an unknown name or a bad table is reported there."""
+        registry = self.registry
+        if registry is None:  # a context made by hand (a plugin's tests): the installed plugins
+            from dis_core.plugins import load_registry
+
+            registry = load_registry()
+        return registry.build(kind, name, config, self, at=at, config_at=config_at)

@@ -1,19 +1,33 @@
-"""Building the plugin manager: a function, not an import-time global, so each test gets its own."""
+"""Building the plugin manager: a function, not an import-time global, so each test gets its own.
+
+Plugins come from the `dis` entry-point group (installed packages) and from `extra_plugins`:
+objects registered in code (tests), or modules named on the command line with `--plugin`
+(`load_plugin_modules`).
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
+import importlib.util
 import os
 import sys
 import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Iterable
 
 import attrs
 import pluggy
+import structlog
 
 from dis_core import hookspecs
-from dis_core.errors import PluginError
+from dis_core.errors import PluginError, UserError
+from dis_core.slots import SLOTS, Slot
 
 ENTRY_POINT_GROUP = "dis"
+COMMAND_LINE = "__dis_plugin_flag__"  # set on a module loaded by --plugin: the flag's value
+log = structlog.get_logger()
 
 
 @attrs.frozen
@@ -85,27 +99,40 @@ def _load_entry_points(pm: DisPluginManager) -> None:
     for _ in range(len(pm.entry_point_names) + 1):
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-            return
+            break
         except pluggy.PluginValidationError as exc:  # e.g. a hook whose argument is not `register`
             pm.mark_broken(pm.get_name(exc.plugin) or str(exc.plugin), exc)
         except ValueError as exc:  # one module under two entry-point names
             raise PluginError(f"entry-point group {ENTRY_POINT_GROUP!r}: {exc}") from exc
+    for name in sorted(pm.entry_point_names):
+        plugin = pm.get_plugin(name)
+        if plugin is not None and not pm.get_hookcallers(plugin):
+            ep, dist = _find_entry_point(name)
+            log.warning("plugin registers nothing: it defines no @hookimpl function (import the marker with "
+                        "`from dis_core import hookimpl`)", plugin=name, entry_point=f"{name} = {ep.value}" if ep else name,
+                        module=getattr(plugin, "__file__", None) or repr(plugin))
 
 
-def make_plugin_manager(*, load_entry_points: bool = True, extra_plugins: tuple = ()) -> DisPluginManager:
-    """A plugin manager with the hookspecs, every `dis` entry point, and `extra_plugins`.
+def make_plugin_manager(*, load_entry_points: bool = True, extra_plugins: tuple = (),
+                        slots: tuple[Slot, ...] = SLOTS) -> DisPluginManager:
+    """A plugin manager with one hookspec per slot, every `dis` entry point, and `extra_plugins`.
 
     `check_pending()` turns a misspelled `@hookimpl` (a hook name that no spec defines) into a
     start-up error instead of a silently ignored function: for `extra_plugins` an exception, for
-    an installed plugin an entry in `pm.broken` (the other plugins stay usable).
+    an installed plugin an entry in `pm.broken` (the other plugins stay usable). An installed
+    plugin that defines no `@hookimpl` at all is a warning naming it.
     """
     pm = DisPluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
+    pm.slots = tuple(slots)
+    pm.add_hookspecs(hookspecs.specs_for(pm.slots))
     if load_entry_points:
         _load_entry_points(pm)
     try:
         for plugin in extra_plugins:
-            pm.register(plugin)
+            try:
+                pm.register(plugin)
+            except ValueError as exc:  # a --plugin module named like an installed plugin
+                raise PluginError(f"plugin {pm.get_canonical_name(plugin)!r} cannot be added: {exc}") from exc
         for _ in range(len(pm.entry_point_names) + 1):
             try:
                 pm.check_pending()
@@ -136,10 +163,65 @@ def plugin_version(pm: pluggy.PluginManager, plugin: object) -> str | None:
     return None
 
 
-def load_registry(*, extra_plugins: tuple = (), load_entry_points: bool = True):
+def load_registry(*, extra_plugins: tuple = (), load_entry_points: bool = True, slots: tuple[Slot, ...] = SLOTS):
     from dis_core.registry import Registry
 
-    return Registry.collect(make_plugin_manager(load_entry_points=load_entry_points, extra_plugins=extra_plugins))
+    return Registry.collect(make_plugin_manager(load_entry_points=load_entry_points, extra_plugins=extra_plugins, slots=slots))
+
+
+def load_plugin_modules(values: Iterable[str]) -> tuple[ModuleType, ...]:
+    """The modules that `--plugin VALUE` flags name, imported, for `load_registry(extra_plugins=...)`.
+
+    A value is an importable module name (`my_package.plugin`) or the path of a `.py` file,
+    loaded under its file name (like pytest's `-p`, for a plugin that is not packaged). Each
+    module is marked, so the registry records it in run.json as loaded by `--plugin`. A module
+    that cannot be imported, or that defines no `@hookimpl` function, is an error naming it."""
+    modules = []
+    for value in values:
+        module = _import_plugin(value)
+        marker = f"{hookspecs.PROJECT}_impl"
+        if not any(hasattr(getattr(module, n, None), marker) for n in dir(module)):
+            raise PluginError(
+                f"--plugin {value}: module {module.__name__} ({getattr(module, '__file__', '?')}) defines no @hookimpl "
+                f"function, so it would register nothing; mark its hooks with `from dis_core import hookimpl`"
+            )
+        setattr(module, COMMAND_LINE, value)
+        modules.append(module)
+    return tuple(modules)
+
+
+def _import_plugin(value: str) -> ModuleType:
+    if value.endswith(".py") or "/" in value or os.sep in value:
+        path = Path(value).expanduser().absolute()
+        if not path.is_file():
+            raise UserError(f"--plugin {value}: no such file ({path})")
+        name = path.stem
+        if not name.isidentifier():
+            raise UserError(f"--plugin {value}: the file name must be a Python identifier to be a module name")
+        known = sys.modules.get(name)
+        if known is not None:
+            if getattr(known, "__file__", None) == str(path):
+                return known  # loaded already (a second command in the same process)
+            raise PluginError(f"--plugin {value}: a module named {name!r} is loaded already "
+                              f"({getattr(known, '__file__', 'builtin')}); rename the file")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it, as `import` does (pickle and dataclasses look it up)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[name]
+            raise PluginError(f"--plugin {value}: importing it failed: {_describe(exc)}") from exc
+        return module
+    try:
+        return importlib.import_module(value)
+    except ModuleNotFoundError as exc:
+        if exc.name and (value == exc.name or value.startswith(exc.name + ".")):
+            raise UserError(f"--plugin {value}: no module named {exc.name!r} (give an importable module name, "
+                            f"or the path of a .py file)") from None
+        raise PluginError(f"--plugin {value}: importing it failed: {_describe(exc)}") from exc
+    except Exception as exc:
+        raise PluginError(f"--plugin {value}: importing it failed: {_describe(exc)}") from exc
 
 
 def installed_versions() -> dict[str, str]:

@@ -2,16 +2,22 @@
 
 Loading runs in three passes, each collecting every problem before raising one `RecipeError`:
   1. read the file and its `extends` chain, merge, apply `--set` overrides;
-  2. structure the result into the frozen `Recipe` classes below;
+  2. structure the result into the frozen `Recipe` classes below, with one `ComponentSpec`
+     field per component slot (`dis_core.slots`: `[task]`, `[[evaluators]]`, `[train.optimizer]`);
   3. look up each component's name in the registry and structure its `config` table into
-     that component's own config class.
+     that component's own config class, making its relative paths absolute.
 The result, `ResolvedRecipe`, is what the trainer builds from and what every run saves.
+
+One path rule: a relative path in a recipe (a `Path` field of a config class, and `extends`) is
+relative to the file that writes it; one given with `--set` is relative to the current directory.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +25,7 @@ import attrs
 
 from dis_core.config import structure, unstructure
 from dis_core.errors import RecipeError, UnknownComponentError
+from dis_core.slots import SLOTS, Slot, parts, value_at
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -89,8 +96,8 @@ class Train:
     puzzle_emb_lr: float = 1e-2
     puzzle_emb_weight_decay: float = 0.1
     ema: float = 0.0  # EMA decay of the weights used for evaluation and checkpoints; 0 = off (TRM: 0.999)
-    optimizer: ComponentSpec = attrs.field(factory=lambda: ComponentSpec(name="adamw"))
     schedule: Schedule = attrs.field(factory=Schedule)
+    # [train.optimizer] is a component slot: see recipe_class.
 
     def __attrs_post_init__(self):
         if (self.steps is None) == (self.epochs is None):
@@ -109,70 +116,76 @@ class Supervision:
 
 @attrs.frozen(kw_only=True)
 class Recipe:
+    """The recipe's own keys; the component slots (`task`, `backbone`, ..., `train.optimizer`)
+    are added from the slot table by `recipe_class`."""
+
     description: str = ""
-    task: ComponentSpec
-    backbone: ComponentSpec
-    targets: ComponentSpec = attrs.field(factory=lambda: ComponentSpec(name="final"))
-    halting: ComponentSpec = attrs.field(factory=lambda: ComponentSpec(name="fixed"))
-    evaluators: tuple[ComponentSpec, ...] = (ComponentSpec(name="exact"),)
     supervision: Supervision = attrs.field(factory=Supervision)
     train: Train
     deepspeed: dict[str, Any] = attrs.field(factory=dict)  # passed through to DeepSpeed
 
 
-# recipe section -> registry kind
-COMPONENT_SECTIONS = {
-    "task": "task",
-    "backbone": "backbone",
-    "targets": "target_generator",
-    "halting": "halting",
-}
+@functools.cache
+def recipe_class(slots: tuple[Slot, ...] = SLOTS) -> type:
+    """`Recipe` with a field per slot: `ComponentSpec`, or a tuple of them for a `many` slot,
+    defaulting to the slot's default component (required where it has none). A dotted key
+    goes into the table it names: `train.optimizer` is a field of `Train`."""
+    tree: dict = {}
+    for slot in slots:
+        *tables, field = slot.key.split(".")
+        node = tree
+        for table in tables:
+            node = node.setdefault(table, {})
+        node[field] = slot
+    return _with_slots(Recipe, tree)
+
+
+def _with_slots(cls: type, tree: dict) -> type:
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for name, item in tree.items():
+        if isinstance(item, Slot):
+            if item.many:
+                default = tuple(ComponentSpec(name=n) for n in ([item.default] if item.default else []))
+                fields[name] = attrs.field(type=tuple[ComponentSpec, ...], default=default)
+            elif item.default is None:
+                fields[name] = attrs.field(type=ComponentSpec)
+            else:
+                fields[name] = attrs.field(type=ComponentSpec, factory=functools.partial(ComponentSpec, name=item.default))
+            continue
+        table = _with_slots(hints[name], item)  # e.g. Train with `optimizer`
+        old = attrs.fields_dict(cls).get(name)
+        has_default = old is not None and old.default is not attrs.NOTHING
+        fields[name] = attrs.field(type=table, factory=table) if has_default else attrs.field(type=table)
+    return attrs.make_class(cls.__name__, fields, bases=(cls,), frozen=True, kw_only=True, slots=True)
 
 
 @attrs.frozen
 class ResolvedRecipe:
     """A recipe whose component configs are structured into their own classes."""
 
-    recipe: Recipe
-    configs: dict[str, Any]  # "task", "backbone", "targets", "halting", "optimizer", "evaluators.0", ...
+    recipe: Recipe  # an instance of recipe_class(slots): `.task`, `.evaluators`, `.train.optimizer` ...
+    configs: dict[str, Any]  # component path ("task", "evaluators[0]", "train.optimizer") -> config
     source: str
+    slots: tuple[Slot, ...] = SLOTS
 
-    def component(self, key: str) -> tuple[str, Any]:
-        """(name, config) of the component at recipe path `key`."""
-        spec = _spec_at(self.recipe, key)
-        return spec.name, self.configs[key]
+    def components(self) -> list[tuple[Slot, str, ComponentSpec]]:
+        """(slot, component path, spec) of every component, in table (= build) order."""
+        return [(slot, path, spec) for slot in self.slots for path, spec in slot.paths(value_at(self.recipe, slot.key))]
+
+    def component(self, path: str) -> tuple[str, Any]:
+        """(name, config) of the component at `path` ("backbone", "evaluators[1]", "train.optimizer")."""
+        return value_at(self.recipe, path).name, self.configs[path]
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (every default filled in) as a plain TOML-able dict."""
         data = unstructure(self.recipe)
-        for key, cfg in self.configs.items():
-            target = _raw_spec_at(data, key)
-            target["config"] = unstructure(cfg)
+        for path, cfg in self.configs.items():
+            value_at(data, path)["config"] = unstructure(cfg)
+        # A recipe's usual layout: the description, the components in table order, the rest.
+        order = ["description", *(s.key for s in self.slots if "." not in s.key), *attrs.fields_dict(Recipe)]
+        data = {**{k: data[k] for k in order if k in data}, **data}
         return _drop_none(data)
-
-
-def _spec_at(recipe: Recipe, key: str) -> ComponentSpec:
-    if key.startswith("evaluators."):
-        return recipe.evaluators[int(key.split(".")[1])]
-    if key == "optimizer":
-        return recipe.train.optimizer
-    return getattr(recipe, key)
-
-
-def _raw_spec_at(data: dict, key: str) -> dict:
-    if key.startswith("evaluators."):
-        return data["evaluators"][int(key.split(".")[1])]
-    if key == "optimizer":
-        return data["train"]["optimizer"]
-    return data[key]
-
-
-def _json_path(key: str) -> str:
-    if key == "optimizer":
-        return "$.train.optimizer"
-    if key.startswith("evaluators."):
-        return f"$.evaluators[{key.split('.')[1]}]"
-    return f"$.{key}"
 
 
 def _drop_none(obj):
@@ -228,23 +241,44 @@ def merge(base: dict, child: dict) -> dict:
     return out
 
 
-def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_raw(path: str | Path) -> dict[str, Any]:
     """Read a recipe and its `extends` chain (relative to the file that names it)."""
-    path = Path(path)
+    return _load_chain(Path(path), ())[0]
+
+
+Origins = dict[tuple, Path]  # key path of a value -> directory its relative paths start from
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], Origins]:
+    """(merged data, the directory of the file that wrote each value)."""
     resolved = path.resolve()
-    if resolved in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise RecipeError([f"extends forms a cycle: {chain}"], source=str(path))
     data = read_toml(path)
     parent = data.pop("extends", None)
+    origins = _leaves(data, path.parent.absolute())
     if parent is None:
-        return data
+        return data, origins
     if not isinstance(parent, str):
         raise RecipeError([f"invalid value (extends must be a file name string) @ $.extends"], source=str(path))
     parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
     if not parent_path.is_file():
         raise RecipeError([f"extends names a missing file {parent!r} (looked at {parent_path}) @ $.extends"], source=str(path))
-    return merge(load_raw(parent_path, (*_seen, resolved)), data)
+    base, base_origins = _load_chain(parent_path, (*seen, resolved))
+    merged = merge(base, data)
+    # A value the child does not set keeps its parent's directory; drop what the merge replaced.
+    origins = {k: v for k, v in {**base_origins, **origins}.items() if k in _leaves(merged, Path())}
+    return merged, origins
+
+
+def _leaves(value: Any, folder: Path, at: tuple = ()) -> Origins:
+    """Every leaf value's key path (list items by index), mapped to `folder`."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _leaves(item, folder, (*at, key)).items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, folder, (*at, i)).items()}
+    return {at: folder}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -296,38 +330,73 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 # Passes 2 and 3
 
 
-def resolve(data: dict[str, Any], registry, source: str = "<recipe>") -> ResolvedRecipe:
-    recipe, problems = structure(data, Recipe, "$")
+def resolve(data: dict[str, Any], registry, source: str = "<recipe>", *,
+            base_dir: Path | None = None, origins: Origins | None = None) -> ResolvedRecipe:
+    """Passes 2 and 3. Relative paths in component configs become absolute: against the
+    directory `origins` gives for the value, else `base_dir` (default: the current directory)."""
+    slots = getattr(registry, "slots", SLOTS)
+    recipe, problems = structure(data, recipe_class(slots), "$")
     if recipe is None:
         raise RecipeError(problems, source=source)
 
+    base_dir = Path.cwd() if base_dir is None else base_dir
     configs: dict[str, Any] = {}
-    keys = [(section, kind) for section, kind in COMPONENT_SECTIONS.items()]
-    keys.append(("optimizer", "optimizer"))
-    keys += [(f"evaluators.{i}", "evaluator") for i in range(len(recipe.evaluators))]
-    seen_eval: set[str] = set()
-    for key, kind in keys:
-        spec = _spec_at(recipe, key)
-        path = _json_path(key)
-        if kind == "evaluator":
-            if spec.name in seen_eval:
-                problems.append(f"evaluator {spec.name!r} is listed twice @ {path}")
-            seen_eval.add(spec.name)
-        try:
-            entry = registry.get(kind, spec.name)
-        except UnknownComponentError as exc:
-            problems.append(f"{exc} @ {path}.name")
-            continue
-        cfg, errs = structure(spec.config, entry.config_cls, f"{path}.config")
-        problems += errs
-        configs[key] = cfg
+    for slot in slots:
+        seen: set[str] = set()
+        for path, spec in slot.paths(value_at(recipe, slot.key)):
+            if spec.name in seen:  # `many` slots are keyed by name (evaluators' metric prefixes)
+                problems.append(f"{slot.kind} {spec.name!r} is listed twice @ $.{path}")
+            seen.add(spec.name)
+            try:
+                entry = registry.get(slot.kind, spec.name)
+            except UnknownComponentError as exc:
+                problems.append(f"{exc} @ $.{path}.name")
+                continue
+            cfg, errs = structure(spec.config, entry.config_cls, f"$.{path}.config")
+            problems += errs
+            if cfg is not None:
+                configs[path] = _absolute_paths(cfg, (*parts(path), "config"), base_dir, origins or {})
     if problems:
         raise RecipeError(problems, source=source)
-    return ResolvedRecipe(recipe, configs, source)
+    return ResolvedRecipe(recipe, configs, source, slots)
+
+
+def _absolute_paths(obj: Any, at: tuple, base: Path, origins: Origins) -> Any:
+    """`obj` with every relative `Path` in it (attrs fields, tuples) made absolute."""
+    if isinstance(obj, Path):
+        path = obj.expanduser()
+        return path if path.is_absolute() else origins.get(at, base) / path
+    if attrs.has(type(obj)):
+        changes = {}
+        for field in attrs.fields(type(obj)):
+            value = getattr(obj, field.name)
+            new = _absolute_paths(value, (*at, field.name), base, origins)
+            if new is not value:
+                changes[field.alias] = new
+        return attrs.evolve(obj, **changes) if changes else obj
+    if isinstance(obj, tuple) and any(isinstance(v, Path) or attrs.has(type(v)) for v in obj):
+        return tuple(_absolute_paths(v, (*at, i), base, origins) for i, v in enumerate(obj))
+    return obj
 
 
 def load_recipe(path: str | Path, registry, overrides: list[str] | None = None) -> ResolvedRecipe:
-    data = load_raw(path)
+    data, origins = _load_chain(Path(path), ())
     if overrides:
         data = apply_overrides(data, overrides)
-    return resolve(data, registry, source=str(path))
+        cwd = Path.cwd()
+        for text in overrides:  # a path given on the command line is relative to where it is typed
+            keys, value = parse_override(text)
+            at = _key_path(data, keys)
+            origins = {k: v for k, v in origins.items() if k[: len(at)] != at}
+            origins.update(_leaves(value, cwd, at))
+    return resolve(data, registry, source=str(path), base_dir=Path(path).parent.absolute(), origins=origins)
+
+
+def _key_path(data: Any, keys: list[str]) -> tuple:
+    """`--set` key parts as a key path: list items by index."""
+    out, node = [], data
+    for key in keys:
+        part = int(key) if isinstance(node, list) else key
+        out.append(part)
+        node = node[part] if isinstance(node, (list, dict)) and (isinstance(node, list) or part in node) else None
+    return tuple(out)

@@ -4,7 +4,9 @@ Each entry holds the component's frozen attrs config class, its factory and the 
 provided it. Plugins never touch the dictionaries: they call the `register` callback that
 `Registry.collect` hands to their hook, which checks what it is given. An installed plugin whose
 hook fails is dropped whole and listed in `Registry.broken`, so the others stay usable; a name
-nobody provides then says which plugins failed. `check_built` checks what a factory returns.
+nobody provides then says which plugins failed. The kinds, their hooks and their Protocols come
+from the slot table (`dis_core.slots`). `Registry.make` calls a factory and checks what it
+returns; `Registry.build` (behind `BuildContext.build`) looks up and structures first.
 """
 
 from __future__ import annotations
@@ -13,18 +15,12 @@ from typing import Any, Callable
 
 import attrs
 
-from dis_core import interfaces
-from dis_core.errors import DuplicateComponentError, PluginError, UnknownComponentError
+from dis_core.config import structure
+from dis_core.errors import DisError, DuplicateComponentError, PluginError, RecipeError, UnknownComponentError, UserError
+from dis_core.slots import SLOTS, Slot, slot_of
 
-# hook name -> component kind, in the order `dis plugins` lists them.
-KINDS: dict[str, str] = {
-    "register_tasks": "task",
-    "register_backbones": "backbone",
-    "register_target_generators": "target_generator",
-    "register_halting_strategies": "halting",
-    "register_evaluators": "evaluator",
-    "register_optimizers": "optimizer",
-}
+# hook name -> component kind, in the order `dis plugins` lists them (the builtin slot table).
+KINDS: dict[str, str] = {slot.hook: slot.kind for slot in SLOTS}
 
 
 @attrs.frozen
@@ -36,12 +32,22 @@ class Entry:
     plugin: str
     version: str | None = None
     doc: str = ""
+    loaded_by: str | None = None  # "--plugin" for a module given on the command line
+    module_file: str | None = None  # that module's file
+
+    def record(self) -> dict[str, Any]:
+        """The entry as run.json's `plugins` list holds it."""
+        row = {"kind": self.kind, "name": self.name, "plugin": self.plugin, "version": self.version}
+        if self.loaded_by:
+            row.update(loaded_by=self.loaded_by, module_file=self.module_file)
+        return row
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, slots: tuple[Slot, ...] = SLOTS) -> None:
         self._entries: dict[tuple[str, str], Entry] = {}
         self.broken: list = []  # plugins.BrokenPlugin: installed plugins that failed to load
+        self.slots = tuple(slots)  # the component slots this registry was collected for
 
     def add(self, entry: Entry) -> None:
         key = (entry.kind, entry.name)
@@ -63,8 +69,42 @@ class Registry:
         return sorted(n for k, n in self._entries if k == kind)
 
     def entries(self) -> list[Entry]:
-        order = list(KINDS.values())
+        order = [slot.kind for slot in self.slots]
         return sorted(self._entries.values(), key=lambda e: (order.index(e.kind), e.name))
+
+    def slot(self, kind: str) -> Slot:
+        return slot_of(kind, self.slots)
+
+    def make(self, entry: Entry, config: Any, ctx) -> Any:
+        """Call `entry`'s factory with its structured config; check that it returned its kind.
+
+        A factory's ValueError, TypeError or FileNotFoundError (a bad combination its config
+        class cannot see, a missing file) becomes a UserError naming the recipe and the path."""
+        try:
+            built = entry.factory(config, ctx)
+        except DisError:
+            raise
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            prefix = f"{ctx.source}: " if ctx.source else ""
+            raise UserError(f"{prefix}cannot build {entry.kind} {entry.name!r} @ {ctx.component}: {exc}") from exc
+        # the right kind of object, or a PluginError naming the plugin
+        return check_built(entry, built, ctx.component, self.slot(entry.kind).interface())
+
+    def build(self, kind: str, name: str, config: dict | None, ctx, *, at: str = "", config_at: str | None = None) -> Any:
+        """The component `name` of `kind`, built from a raw `config` table on behalf of the
+        component `ctx` is building (what `BuildContext.build` does). `at` is where the name
+        stands, relative to `ctx.component` ("config.fallback"), `config_at` where the table
+        stands (default `<at>.config`); errors are reported there."""
+        where = f"{ctx.component}.{at}" if at else ctx.component
+        table_at = f"{ctx.component}.{config_at}" if config_at else f"{where}.config"
+        try:
+            entry = self.get(kind, name)
+        except UnknownComponentError as exc:
+            ctx.fail(str(exc), at=at)
+        cfg, problems = structure(dict(config or {}), entry.config_cls, table_at)
+        if problems:
+            raise RecipeError(problems, source=ctx.source or None)
+        return self.make(entry, cfg, attrs.evolve(ctx, component=where, config_path=table_at))
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._entries
@@ -72,23 +112,26 @@ class Registry:
     @classmethod
     def collect(cls, pm) -> "Registry":
         """Call every registration hook of the plugin manager and fill a fresh registry."""
-        from dis_core.plugins import plugin_label, plugin_version
+        from dis_core.plugins import COMMAND_LINE, plugin_label, plugin_version
 
-        reg = cls()
+        reg = cls(getattr(pm, "slots", SLOTS))
         reg.broken = list(getattr(pm, "broken", ()))
         installed = getattr(pm, "entry_point_names", set())
-        for hook_name, kind in KINDS.items():
+        for slot in reg.slots:
+            hook_name, kind = slot.hook, slot.kind
             hook = getattr(pm.hook, hook_name)
             for impl in hook.get_hookimpls():
                 label = plugin_label(pm, impl.plugin)
                 version = plugin_version(pm, impl.plugin)
                 if any(b.name == label for b in reg.broken):
                     continue  # failed in an earlier hook: dropped whole
+                by_flag = getattr(impl.plugin, COMMAND_LINE, None) is not None
+                origin = {"loaded_by": "--plugin", "module_file": getattr(impl.plugin, "__file__", None)} if by_flag else {}
 
-                def register(name, config_cls, factory, *, _kind=kind, _label=label, _version=version):
+                def register(name, config_cls, factory, *, _kind=kind, _label=label, _version=version, _origin=origin):
                     _check_registration(_kind, _label, name, config_cls, factory)
                     doc = (getattr(factory, "__doc__", None) or "").strip().splitlines()
-                    reg.add(Entry(_kind, name, config_cls, factory, _label, _version, doc[0] if doc else ""))
+                    reg.add(Entry(_kind, name, config_cls, factory, _label, _version, doc[0] if doc else "", **_origin))
 
                 # Call this one plugin's hook through pluggy (so DIS_TRACE_HOOKS sees it), with a
                 # `register` that knows which plugin is registering.
@@ -120,28 +163,23 @@ def _broken_line(b) -> str:
     return f"{b.describe()} failed to load ({b.error}) and may be the one that provides it"
 
 
-# kind -> the Protocol (runtime-checkable) a factory's result must satisfy
-PROTOCOLS: dict[str, type] = {
-    "task": interfaces.Task,
-    "backbone": interfaces.Backbone,
-    "target_generator": interfaces.TargetGenerator,
-    "halting": interfaces.HaltingStrategy,
-    "evaluator": interfaces.Evaluator,
-}
+# kind -> what a factory's result must satisfy: a Protocol, or a Callable type (the builtin table)
+PROTOCOLS: dict[str, Any] = {slot.kind: slot.interface() for slot in SLOTS}
 
 
-def check_built(entry: Entry, obj: Any, where: str) -> Any:
+def check_built(entry: Entry, obj: Any, where: str, proto: Any = None) -> Any:
     """`obj` if it has every member of its kind's Protocol (interfaces.py): the methods, and the
-    attributes the core reads (`monotone`, `headline`, `puzzle_emb_ndim`, ...); else a
-    `PluginError` naming the plugin, the component and what is missing."""
-    if entry.kind == "optimizer":
+    attributes the core reads (`monotone`, `headline`, `puzzle_emb_ndim`, ...), or is callable
+    where the kind is a Callable type (an optimizer's `make(params)`); else a `PluginError`
+    naming the plugin, the component and what is missing."""
+    proto = PROTOCOLS.get(entry.kind) if proto is None else proto
+    if proto is None:
+        return obj
+    if not isinstance(proto, type):  # typing.Callable[[...], R]
         if callable(obj):
             return obj
-        missing = ["a callable make_optimizer(params)"]
+        missing = [f"callable as {proto}"]
     else:
-        proto = PROTOCOLS.get(entry.kind)
-        if proto is None:
-            return obj
         methods, data = _protocol_members(proto)
         missing = [m for m in sorted(methods) if not callable(getattr(obj, m, None))]
         missing += [f"attribute {a}" for a in sorted(data) if not hasattr(obj, a)]

@@ -58,7 +58,7 @@ def run_info(trainer, registry) -> dict:
         "recipe": t.resolved.to_dict(),
         "command": t.command,
         "versions": installed_versions(),
-        "plugins": [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "version": e.version} for e in registry.entries()],
+        "plugins": [e.record() for e in registry.entries()],  # a --plugin module's rows say so
         "world_size": t.world,
         "device": str(t.device),
         "precision": t.precision,

@@ -22,8 +22,7 @@ import structlog
 import torch
 
 from dis_core import hookimpl
-from dis_core.config import structure
-from dis_core.errors import DataError, UserError
+from dis_core.errors import DataError
 from dis_core.interfaces import IGNORE
 
 log = structlog.get_logger()
@@ -44,10 +43,10 @@ def _distance(steps: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @attrs.frozen(kw_only=True)
 class PlanImportConfig:
-    path: str  # JSONL file of plans; a relative path is taken from the current directory
+    path: Path  # JSONL file of plans; in a recipe, relative to the recipe file
     split: Literal["train", "test"] = "train"  # records for the other split are skipped (and counted)
     on_missing: Literal["fallback", "error"] = "fallback"  # what examples without a plan get
-    fallback: str = "reveal_path"  # a generator of dis_plugins.targets for examples without a plan
+    fallback: str = "reveal_path"  # any registered target generator, for examples without a plan
     fallback_config: dict[str, Any] = attrs.field(factory=dict)  # its config table
 
 
@@ -192,33 +191,18 @@ def load_plans(path: Path, task, spec, split: str):
     return ids, plans, labels, skipped
 
 
-def _build_fallback(config: PlanImportConfig, ctx):
-    from dis_plugins import targets  # the builtin generators (reveal_path, mask, random_replace, final)
-
-    found: dict[str, tuple] = {}
-    targets.register_target_generators(register=lambda name, cls, factory: found.__setitem__(name, (cls, factory)))
-    where = f"{ctx.component or 'target_generator'}.config"
-    if config.fallback not in found:
-        raise UserError(f"{where}.fallback: unknown generator {config.fallback!r}; available: {', '.join(sorted(found))}")
-    cls, factory = found[config.fallback]
-    cfg, problems = structure(dict(config.fallback_config), cls, f"{where}.fallback_config")
-    if problems:
-        raise UserError("\n".join(problems))
-    return factory(cfg, ctx)
-
-
 def build_plan_import(config: PlanImportConfig, ctx) -> PlanImport:
     """Targets from an external planner's JSONL file (docs/plan_format.md), with a fallback."""
-    path = Path(config.path).expanduser()
-    path = path if path.is_absolute() else Path.cwd() / path
+    path = Path(config.path).expanduser().absolute()  # a recipe's path is absolute already
     if path.is_dir():
-        raise UserError(f"{ctx.component or 'target_generator plan_import'}: plan file {path} is a directory, not a JSONL file")
+        ctx.fail(f"plan file {path} is a directory, not a JSONL file", at="config.path")
     if not path.is_file():
-        raise UserError(f"{ctx.component or 'target_generator plan_import'}: plan file {path} not found")
-    if ctx.task is None or ctx.spec is None:
-        raise UserError("plan_import needs the task to be built first (it checks plans against y*)")
+        ctx.fail(f"plan file {path} not found", at="config.path")
     ids, plans, labels, skipped = load_plans(path, ctx.task, ctx.spec, config.split)
-    fallback = _build_fallback(config, ctx) if config.on_missing == "fallback" else None
+    fallback = None
+    if config.on_missing == "fallback":
+        fallback = ctx.build("target_generator", config.fallback, config.fallback_config,
+                             at="config.fallback", config_at="config.fallback_config")
     gen = PlanImport(path, ids, plans, ctx.n_sup, fallback=fallback, on_missing=config.on_missing,
                      split=config.split, skipped=skipped, labels=labels)
     rep = gen.report()

@@ -43,10 +43,10 @@ def build_solver_edits(config: SolverEditsConfig, ctx) -> SolverEdits:
     task = ctx.task
     if not callable(getattr(task, "solver_trajectory", None)):
         name = getattr(task, "name", type(task).__name__)
-        raise CapabilityError(
-            f"{ctx.component or 'target generator solver_edits'}: task {name!r} offers no solver "
-            f"trajectory (it has no solver_trajectory(batch, n_sup) method); use a generator that "
-            f"works with any task: {', '.join(TASK_AGNOSTIC)}"
+        ctx.fail(
+            f"task {name!r} offers no solver trajectory (it has no solver_trajectory(batch, n_sup) "
+            f"method); use a generator that works with any task: {', '.join(TASK_AGNOSTIC)}",
+            error=CapabilityError,
         )
     return SolverEdits(task)
 

@@ -20,8 +20,7 @@ import attrs
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import UserError
-from dis_core.interfaces import IGNORE, TaskSpec
+from dis_core.interfaces import IGNORE
 from dis_core.reveal import reveal_frames
 from dis_core.validators import one_of
 
@@ -88,17 +87,10 @@ def _corrupted(batch, n_sup, generator, schedule, keep_clues) -> torch.Tensor:
     return (u[:, None, :] < beta[None, :, None]) & eligible[:, None, :]
 
 
-def _check_token(token: int, spec: TaskSpec, what: str, component: str) -> None:
-    if not 0 <= token < spec.vocab_size:
+def _check_token(token: int, what: str, ctx) -> None:
+    if not 0 <= token < ctx.spec.vocab_size:
         # the loss skips targets outside [0, V): such a token would silently unsupervise cells
-        raise UserError(f"{component or 'target_generator'}: {what} {token} is outside the vocabulary [0, {spec.vocab_size})")
-
-
-def _spec(ctx) -> TaskSpec:
-    spec = ctx.spec if ctx.spec is not None else getattr(ctx.task, "spec", None)
-    if spec is None:
-        raise UserError(f"{ctx.component or 'target_generator'}: needs the task's spec (build the task first)")
-    return spec
+        ctx.fail(f"{what} {token} is outside the vocabulary [0, {ctx.spec.vocab_size})", at=f"config.{what}")
 
 
 Schedule = Literal["linear", "cosine"]
@@ -132,9 +124,8 @@ class MaskTargets:
 
 def build_mask(config: MaskConfig, ctx) -> MaskTargets:
     """Paper variant: y* masked at a linearly decreasing rate (mask token defaults to PAD)."""
-    spec = _spec(ctx)
-    token = spec.pad_id if config.mask_token is None else config.mask_token
-    _check_token(token, spec, "mask_token", ctx.component)
+    token = ctx.spec.pad_id if config.mask_token is None else config.mask_token
+    _check_token(token, "mask_token", ctx)
     return MaskTargets(token, config.schedule, config.keep_clues)
 
 
@@ -168,13 +159,12 @@ class RandomReplaceTargets:
 
 def build_random_replace(config: RandomReplaceConfig, ctx) -> RandomReplaceTargets:
     """Paper variant: y* with random-token replacement at a linearly decreasing rate."""
-    spec = _spec(ctx)
-    low = spec.pad_id + 1 if config.low is None else config.low
-    high = spec.vocab_size - 1 if config.high is None else config.high
-    _check_token(low, spec, "low", ctx.component)
-    _check_token(high, spec, "high", ctx.component)
+    low = ctx.spec.pad_id + 1 if config.low is None else config.low
+    high = ctx.spec.vocab_size - 1 if config.high is None else config.high
+    _check_token(low, "low", ctx)
+    _check_token(high, "high", ctx)
     if low > high:
-        raise UserError(f"{ctx.component or 'target_generator'}: low {low} > high {high}")
+        ctx.fail(f"low {low} > high {high}", at="config")
     return RandomReplaceTargets(low, high, config.schedule, config.keep_clues)
 
 

@@ -124,13 +124,15 @@ def test_factories_get_the_documented_build_context(tmp_path):
     assert kinds == ["task", "backbone", "target_generator", "halting", "evaluator", "optimizer"]
     assert [c.width for _, c, _ in probe.calls] == [2, 3, 4, 5, 6, 8]  # each config structured into ProbeConfig
     task_ctx = probe.calls[0][2]
-    assert task_ctx.task is None and task_ctx.spec is None  # the task is built first
+    assert task_ctx.task is None  # the task is built first; it defines the spec
+    with pytest.raises(PluginError, match=r"\$\.task: ctx\.spec is read while the task itself is being built"):
+        task_ctx.spec
     for _, _, ctx in probe.calls:
         assert (ctx.seed, ctx.n_sup, ctx.data_dir) == (7, 4, tmp_path)
     for _, _, ctx in probe.calls[1:]:
         assert ctx.task is comp.task and ctx.spec is comp.task.spec
     assert [ctx.component for _, _, ctx in probe.calls] == [
-        "$.task", "$.backbone", "$.targets", "$.halting", "$.evaluators.0", "$.train.optimizer"
+        "$.task", "$.backbone", "$.targets", "$.halting", "$.evaluators[0]", "$.train.optimizer"
     ]
     assert list(comp.evaluators) == ["probe"]
 

@@ -10,6 +10,7 @@ import torch
 
 from dis_core.errors import DataError, UserError
 from dis_core.interfaces import IGNORE, BuildContext
+from dis_core.plugins import load_registry
 from dis_plugins.plan_import import PlanImport, PlanImportConfig, build_plan_import, resample_index
 from dis_plugins.tasks.sudoku import SudokuConfig, build_sudoku
 
@@ -23,7 +24,10 @@ def task(tmp_path_factory):
 
 
 def _ctx(task, tmp_path):
-    return BuildContext(seed=0, n_sup=N_SUP, data_dir=tmp_path, task=task, spec=task.spec, component="targets")
+    return BuildContext(seed=0, n_sup=N_SUP, data_dir=tmp_path, task=task, component="$.targets", registry=REGISTRY)
+
+
+REGISTRY = load_registry()  # the fallback is built through it
 
 
 def _example(task, i, split="train"):
@@ -151,9 +155,9 @@ def test_fallback_versus_error(task, tmp_path):
     assert (strict(_batch(task, [0]), N_SUP, g)[0, -1] == batch["labels"][0]).all()
     with pytest.raises(DataError, match="no plan for train example id.* 3, 4"):
         strict(batch, N_SUP, g)
-    with pytest.raises(UserError, match="unknown generator 'nope'; available: .*final"):
+    with pytest.raises(UserError, match=r"^\$\.targets\.config\.fallback: unknown target_generator 'nope'; .*final"):
         build_plan_import(PlanImportConfig(path=str(path), fallback="nope"), _ctx(task, tmp_path))
-    with pytest.raises(UserError, match="fallback_config"):
+    with pytest.raises(UserError, match=r"extra fields found \(x\) @ \$\.targets\.config\.fallback_config"):
         build_plan_import(PlanImportConfig(path=str(path), fallback="final", fallback_config={"x": 1}), _ctx(task, tmp_path))
 
 

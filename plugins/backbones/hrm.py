@@ -75,8 +75,6 @@ class HRM(RecursiveBackbone):
 
 def build_hrm(config: HRMConfig, ctx) -> HRM:
     """HRM-style baseline: separate H and L modules, one-step gradient, SDPA attention."""
-    if ctx.spec is None:
-        raise ValueError(f"backbone 'hrm' ({ctx.component or 'backbone'}) needs the task's spec to size itself")
     return HRM(config, ctx.spec.vocab_size, ctx.spec.seq_len, ctx.n_sup)
 
 

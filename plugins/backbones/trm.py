@@ -78,8 +78,6 @@ class TRM(RecursiveBackbone):
 
 def build_trm(config: TRMConfig, ctx) -> TRM:
     """Tiny Recursive Model: one shared network, T cycles of n z-updates and a y-update."""
-    if ctx.spec is None:
-        raise ValueError(f"backbone 'trm' ({ctx.component or 'backbone'}) needs the task's spec to size itself")
     return TRM(config, ctx.spec.vocab_size, ctx.spec.seq_len, ctx.n_sup)
 
 

@@ -24,7 +24,7 @@ import structlog
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import DataError, UserError
+from dis_core.errors import CapabilityError, DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.metrics import Tally
 from dis_core.reveal import ranked_reveal
@@ -82,8 +82,8 @@ class MazeConfig:
     loop_fraction: float = 0.05  # share of the tree maze's inner walls removed, making alternative routes
     unique_path: bool = True  # keep only mazes with one shortest path, so exact match is fair
     augment: bool = False  # train: all dihedral variants (8 square, 4 otherwise); reference default off
-    csv_train: str = ""  # Maze-Hard CSV to import instead of generating ("" = generate)
-    csv_test: str = ""
+    csv_train: Path | None = None  # Maze-Hard CSV to import instead of generating (relative to the recipe)
+    csv_test: Path | None = None
     seed: int = 0  # data seed, apart from the run seed
     cache: bool = True  # keep generated sets under data_dir/maze, keyed by this config
 
@@ -255,8 +255,8 @@ class MazeEvaluator:
 
 def build_maze_evaluator(config: MazeEvalConfig, ctx) -> MazeEvaluator:
     """Valid shortest-path rate and exact accuracy for mazes."""
-    if ctx.spec is None or ctx.spec.grid_shape is None:
-        raise UserError("evaluator maze needs a task with a grid_shape")
+    if ctx.spec.grid_shape is None:
+        ctx.fail("evaluator maze needs a task with a grid_shape", error=CapabilityError)
     return MazeEvaluator(tuple(ctx.spec.grid_shape))
 
 

@@ -303,13 +303,10 @@ class NQueensEvaluator:
 
 def build_nqueens_evaluator(config: NQueensEvalConfig, ctx) -> NQueensEvaluator:
     """N-Queens valid-solution rate (no attacks, N queens, givens kept) and exact match."""
-    spec = ctx.spec if ctx.spec is not None else getattr(ctx.task, "spec", None)
-    shape = getattr(spec, "grid_shape", None)
-    if shape is None or shape[0] != shape[1] or shape[0] * shape[1] != spec.seq_len:
-        raise CapabilityError(
-            f"{ctx.component or 'evaluator nqueens'}: needs a task with a square grid_shape covering the "
-            f"whole sequence (got grid_shape={shape}); use it with task 'nqueens'"
-        )
+    shape = ctx.spec.grid_shape
+    if shape is None or shape[0] != shape[1] or shape[0] * shape[1] != ctx.spec.seq_len:
+        ctx.fail(f"evaluator nqueens needs a task with a square grid_shape covering the whole sequence "
+                 f"(got grid_shape={shape}); use it with task 'nqueens'", error=CapabilityError)
     return NQueensEvaluator(shape[0])
 
 

@@ -19,7 +19,7 @@ import structlog
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import DataError, UserError
+from dis_core.errors import CapabilityError, DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.metrics import Tally
 from dis_core.reveal import ranked_reveal
@@ -80,8 +80,8 @@ class SudokuConfig:
     num_test: int = attrs.field(default=1000, validator=positive)
     min_difficulty: int = 0  # generated: dead ends of the full search; CSV: the rating column
     num_augmentations: int = 1000  # train variants per puzzle (the reference's 1000-puzzle build)
-    csv_train: str = ""  # Sudoku-Extreme CSV to import instead of generating ("" = generate)
-    csv_test: str = ""
+    csv_train: Path | None = None  # Sudoku-Extreme CSV to import instead of generating (relative to the recipe)
+    csv_test: Path | None = None
     subsample_size: int = 0  # train CSV rows kept (random, without replacement); 0 = all
     seed: int = 0  # data seed, apart from the run seed so every run sees the same puzzles
     cache: bool = True  # keep generated sets under data_dir/sudoku, keyed by this config
@@ -306,8 +306,8 @@ def build_sudoku_evaluator(config: SudokuEvalConfig, ctx) -> SudokuEvaluator:
     """Valid-solution rate (constraints and givens) and exact accuracy for Sudoku."""
     geo = getattr(ctx.task, "geo", None)
     if not isinstance(geo, Geometry):
-        if ctx.spec is None or ctx.spec.grid_shape is None:
-            raise UserError("evaluator sudoku needs a task with a square grid_shape")
+        if ctx.spec.grid_shape is None:
+            ctx.fail("evaluator sudoku needs a task with a square grid_shape", error=CapabilityError)
         geo = Geometry.from_size(ctx.spec.grid_shape[0])
     return SudokuEvaluator(geo)
 

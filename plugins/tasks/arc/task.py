@@ -46,7 +46,7 @@ class ArcConfig:
     max_train_puzzles_per_subset: int | None = attrs.field(default=None, validator=positive)  # first K tasks of each train subset
     # A TRM/HRM-built data directory (train/, test/, identifiers.json, test_puzzles.json) to train
     # and evaluate from instead; the source and augmentation options above are then ignored.
-    reference_dir: str | None = None
+    reference_dir: Path | None = None  # relative to the recipe file
 
 
 class ArcTask:
