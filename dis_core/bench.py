@@ -5,12 +5,15 @@ Figures, not asserts: this machine is shared and noisy, so compare ratios measur
 
 from __future__ import annotations
 
+import math
 import os
+import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -27,7 +30,32 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Path = Path("data")) -> str:
+def time_eval(trainer, batches: int) -> tuple[float, int, int]:
+    """(seconds per evaluation batch, examples per batch, test examples) over `batches`
+    batches of the test split, each run for every supervision step, as evaluation runs them."""
+    from dis_core.data import fetch
+    from dis_core.evaluation import eval_batch_size
+    from dis_core.supervision import rollout
+
+    cfg = trainer.train_cfg
+    size = eval_batch_size(cfg.eval_batch_size or cfg.global_batch_size, trainer.world)
+    backbone = trainer.engine.module.backbone
+    backbone.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(batches + 1):  # the first batch warms up
+            idx = np.arange(i * size, (i + 1) * size) % len(trainer.test_set)
+            batch = fetch(trainer.test_set, idx, trainer.device)
+            emb = trainer.puzzle_emb.weights[batch["puzzle_ids"]] if trainer.puzzle_emb is not None else None
+            t0 = time.perf_counter()
+            rollout(backbone, batch, trainer.rule, trainer.comp.halting, puzzle_emb=emb, bf16=trainer.precision == "bf16")
+            if i:
+                times.append(time.perf_counter() - t0)
+    backbone.train()
+    return statistics.median(times), size, len(trainer.test_set)
+
+
+def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Path = Path("data"), eval_batches: int = 0) -> str:
     from dis_core.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,6 +70,7 @@ def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Pat
             times.append(time.perf_counter() - t0)
         # The machine may be shared: take the better of two peak measurements around the steps.
         peak = max(peak, matmul_peak_gflops())
+        evaluated = time_eval(trainer, eval_batches) if eval_batches else None
     med = statistics.median(times)
     batch = resolved.recipe.train.global_batch_size
     cost = trainer.cost
@@ -54,6 +83,14 @@ def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Pat
         f"throughput          {batch / med:.1f} examples x steps / s",
         f"network calls       {cost.calls} per step ({cost.grad_calls} with grad), {cost.calls * batch / med:.0f} calls / s",
         f"achieved            {gflops:.1f} GFLOP/s = {100 * gflops / peak:.0f}% of the measured fp32 matmul peak {peak:.1f} GFLOP/s",
+        f"peak memory (RSS)   {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB for the whole process "
+        f"(micro-batch {trainer.micro_batches[0].stop - trainer.micro_batches[0].start} slots per process)",
         f"load average        {os.getloadavg()[0]:.2f} (figures from a busy machine are not comparable)",
     ]
+    if evaluated:
+        per_batch, size, total = evaluated
+        whole = math.ceil(total / size) * per_batch
+        lines.insert(-1, f"evaluation          {size / per_batch:.1f} test examples / s ({size} per batch, "
+                         f"{trainer.comp.halting.max_steps} steps each); the {total} test examples take "
+                         f"{whole / 3600:.2f} h on this machine ({whole:.0f} s)")
     return "\n".join(lines)

@@ -65,6 +65,8 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
+    bench.add_argument("--eval", type=int, default=0, metavar="BATCHES",
+                       help="also time this many evaluation batches: test examples/s and the time the whole test split takes")
 
     check = sub.add_parser("check", help="run every component of a recipe once on a tiny batch, checking what each returns")
     _run_args(check)
@@ -264,7 +266,7 @@ def cmd_bench(args) -> int:
     from dis_core.bench import bench
 
     registry, resolved = _load(args)
-    print(bench(resolved, registry, steps=args.steps, warmup=args.warmup, data_dir=args.data_dir))
+    print(bench(resolved, registry, steps=args.steps, warmup=args.warmup, data_dir=args.data_dir, eval_batches=args.eval))
     return 0
 
 
