@@ -16,11 +16,10 @@ import math
 import time
 from pathlib import Path
 
-import attrs
 import structlog
 import torch
 
-from dis_core import checkpoint, checks, evaluation, guards
+from dis_core import checks, evaluation, guards, training_state
 from dis_core import engine as dist
 from dis_core.accounting import Ledger, StepCost
 from dis_core.build import build_components
@@ -110,46 +109,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _resume(self) -> None:
-        # The newest loadable checkpoint; unreadable newer ones are skipped and named.
-        tag, shared, mine, _skipped = checkpoint.load_newest(self.engine, self.run.checkpoints, self.world)
-        self.step = shared["step"]
-        self.ledger = Ledger(**shared["ledger"])
-        self.ledger.examples = mine["examples"]
-        if self.ema is not None:
-            self.ema.load_state_dict(shared["ema"])
-        if self.puzzle_emb is not None:
-            self.puzzle_emb.load_state_dict(shared["puzzle_emb"])
-        self.carry = Carry.from_state_dict({k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in mine["carry"].items()})
-        self.carry.batch = {k: v.to(self.device) for k, v in self.carry.batch.items()}
-        self.stream.load_state_dict(mine["stream"])
-        self.generator.set_state(mine["generator"])
-        self.run.truncate_metrics(self.step)
-        self.resumed_from = tag
-        log.info("resumed", checkpoint=str(self.run.checkpoints / tag), step=self.step)
+        self.resumed_from = training_state.restore(self)
 
     def save_checkpoint(self) -> Path:
-        shared = {"step": self.step, "ledger": attrs.asdict(self.ledger)}
-        if self.ema is not None:
-            shared["ema"] = self.ema.state_dict()
-        if self.puzzle_emb is not None:
-            shared["puzzle_emb"] = self.puzzle_emb.state_dict()
-        mine = {
-            "carry": self.carry.state_dict(), "stream": self.stream.state_dict(), "generator": self.generator.get_state(),
-            "examples": self.ledger.examples,
-            # Lets anyone check that data-parallel ranks hold identical weights (tests do).
-            "params_sha256": checkpoint.params_digest(self.engine.module),
-        }
-        if self.puzzle_emb is not None:
-            mine["puzzle_emb_sha256"] = checkpoint.params_digest(self.puzzle_emb)
-        # With EMA on, the weights to evaluate are the EMA ones (the reference saves only those);
-        # the live weights stay in the DeepSpeed files so that training can resume.
-        extra = {"ema_weights.pt": self.ema.model_state_dict(self.engine.module)} if self.ema is not None else None
-        metrics = self.last_eval if self.last_eval_step == self.step else None
-        path = checkpoint.save(self.engine, self.run.checkpoints, self.step, shared, mine, extra, metrics=metrics)
-        cfg = self.train_cfg
-        if self.rank == 0:
-            checkpoint.prune(self.run.checkpoints, self.world, keep=cfg.keep_checkpoints, best=cfg.keep_best, mode=cfg.keep_best_mode)
-        return path
+        return training_state.save(self)
 
     # ------------------------------------------------------------------ one step
 
