@@ -74,6 +74,7 @@ class Train:
     keep_best_mode: Literal["max", "min"] = "max"
     eval_batch_size: int | None = attrs.field(default=None, validator=_positive)  # default: global_batch_size
     eval_limit: int | None = attrs.field(default=None, validator=_positive)  # evaluate only the first K test examples
+    eval_trajectories: int = attrs.field(default=0, validator=_non_negative)  # pictures of the first N test examples per evaluation
     log_interval: int = attrs.field(default=10, validator=_positive)
     # Training order: "groups" is the reference TRM/DIS one (per pass one random variant of each
     # puzzle, its examples together), "examples" shuffles single examples; "auto" = groups when the
@@ -261,8 +262,10 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], Ori
     if parent is None:
         return data, origins
     if not isinstance(parent, str):
-        raise RecipeError([f"invalid value (extends must be a file name string) @ $.extends"], source=str(path))
+        raise RecipeError(["invalid value (extends must be a file name string) @ $.extends"], source=str(path))
     parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+    if parent_path.is_dir():
+        raise RecipeError([f"extends names a directory {parent!r} ({parent_path}), not a recipe file @ $.extends"], source=str(path))
     if not parent_path.is_file():
         raise RecipeError([f"extends names a missing file {parent!r} (looked at {parent_path}) @ $.extends"], source=str(path))
     base, base_origins = _load_chain(parent_path, (*seen, resolved))

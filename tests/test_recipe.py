@@ -139,3 +139,11 @@ def test_steps_and_epochs_replace_each_other(tmp_path, registry):
 def test_choice_error_lists_the_choices(tmp_path, registry):
     with pytest.raises(RecipeError, match=r"expected one of 'uniform', 'linear'\) @ \$.supervision.step_weights"):
         load_recipe(tiny_recipe(tmp_path), registry, ["supervision.step_weights=lin"])
+
+
+def test_extends_naming_a_directory_says_so(tmp_path, registry):
+    (tmp_path / "base").mkdir()
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "base"\n')
+    with pytest.raises(RecipeError, match=r"extends names a directory 'base'"):
+        load_recipe(child, registry)
