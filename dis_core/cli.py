@@ -229,13 +229,14 @@ def _check_resume_recipe(out: Path, resolved) -> None:
     saved = tomllib.loads(saved_file.read_text())
     now = resolved.to_dict()
     # Extending a run (more steps, other intervals) is fine; changing what it trains is not.
-    allowed = {"steps", "epochs", "eval_interval", "checkpoint_interval", "log_interval", "eval_limit", "eval_batch_size", "on_nonfinite"}
+    allowed = {"steps", "epochs", "eval_interval", "checkpoint_interval", "log_interval", "eval_limit", "eval_batch_size", "on_nonfinite",
+               "eval_trajectories"}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key == "train":
             a, b = saved.get(key, {}), now.get(key, {})
             diffs += [f"train.{k}" for k in sorted(set(a) | set(b)) if k not in allowed and a.get(k) != b.get(k)]
-        elif saved.get(key) != now.get(key):
+        elif key != "loggers" and saved.get(key) != now.get(key):  # trackers may be added or changed
             diffs.append(key)
     if diffs:
         raise UserError(f"--resume: the recipe differs from the one saved in {saved_file} at: {', '.join(diffs)}")

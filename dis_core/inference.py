@@ -322,7 +322,8 @@ def _build(run_dir: Path, ckpt_dir: Path, saved: dict, registry, overrides: tupl
     from dis_core.build import build_components
     from dis_core.recipe import load_recipe
 
-    resolved = load_recipe(run_dir / "recipe.toml", registry, list(overrides))
+    # The run's [[loggers]] are left out: evaluating or predicting reports to no tracker.
+    resolved = load_recipe(run_dir / "recipe.toml", registry, ["loggers=[]", *overrides])
     torch.manual_seed(resolved.recipe.train.seed)  # as the trainer: a component that draws at build time draws the same
     components = build_components(resolved, registry, data_dir)
     return Model(resolved=resolved, registry=registry, components=components, saved=saved, run_dir=run_dir,

@@ -237,6 +237,31 @@ class Evaluator(Protocol):
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
 
+@runtime_checkable
+class Logger(Protocol):
+    """An experiment tracker fed by the trainer on rank 0 (`[[loggers]]`; dis_core/loggers.py).
+    It sees what the run writes, as it is written; the run directory stays the record. An
+    exception in `start` stops the run (exit status 2); a later one drops the logger with a
+    warning, and the run goes on."""
+
+    def start(self, run_dir: Path, recipe: dict, info: dict) -> None:
+        """Once, before the first step: the run directory, the resolved recipe (recipe.toml as a
+        dict) and run.json's content (both files exist by then)."""
+        ...
+
+    def log(self, row: dict) -> None:
+        """Each row of metrics.jsonl as it is appended: `step`, `split` and the metrics."""
+        ...
+
+    def images(self, step: int, paths: list[Path]) -> None:
+        """The trajectory PNGs an evaluation at `step` wrote (`train.eval_trajectories`)."""
+        ...
+
+    def finish(self, summary: dict | None) -> None:
+        """Once, at the end: summary.json's content, or None when the run stopped early."""
+        ...
+
+
 @attrs.frozen(kw_only=True)
 class BuildContext:
     """Handed to every factory. Components are built in the order of the slot table

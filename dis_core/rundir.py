@@ -157,6 +157,10 @@ class RunDir:
         self.is_main = is_main
         self.checkpoints = self.path / "checkpoints"
         self.metrics_file = self.path / "metrics.jsonl"
+        # Experiment trackers (`[[loggers]]`, dis_core.loggers.LoggerSet): they see what is written
+        # here as it is written: the recipe and run.json (start), rows, summary.json (finish).
+        self.loggers = None
+        self._recipe: dict = {}
 
     def create(self) -> None:
         if self.is_main:
@@ -172,10 +176,15 @@ class RunDir:
     def write_recipe(self, resolved: dict) -> None:
         if self.is_main:
             atomic_write(self.path / "recipe.toml", tomli_w.dumps(resolved))
+            self._recipe = resolved
 
     def write_json(self, name: str, data: dict) -> None:
         if self.is_main:
             atomic_write(self.path / name, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+            if self.loggers and name == "run.json":
+                self.loggers.start(self.path, self._recipe, data)
+            elif self.loggers and name == "summary.json":
+                self.loggers.finish(data)
 
     def read_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())
@@ -187,6 +196,8 @@ class RunDir:
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        if self.loggers:
+            self.loggers.log(row)
 
     def read_metrics(self) -> tuple[list[dict], list[int]]:
         """(rows, numbers of the lines that are not JSON objects): a run killed while writing

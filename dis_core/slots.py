@@ -64,6 +64,8 @@ SLOTS: tuple[Slot, ...] = (
     Slot(key="train.optimizer", kind="optimizer", hook="register_optimizers", protocol="OptimizerFactory",
          doc="Register optimizers. Factory returns a callable `params -> torch.optim.Optimizer`.",
          default="adamw", attr="make_optimizer"),
+    Slot(key="loggers", kind="logger", hook="register_loggers", protocol="Logger",
+         doc="Register experiment trackers (TensorBoard, W&B, MLflow, ...). Factory returns a `Logger`.", many=True),
 )
 
 

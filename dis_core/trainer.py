@@ -19,12 +19,13 @@ from pathlib import Path
 import structlog
 import torch
 
-from dis_core import checks, evaluation, guards, training_state
+from dis_core import checks, evaluation, guards, training_state, trajectories
 from dis_core import engine as dist
 from dis_core.accounting import Ledger, StepCost
 from dis_core.build import build_components
 from dis_core.data import fetch, make_stream
 from dis_core.ema import EMA
+from dis_core.loggers import LoggerSet
 from dis_core.logs import progress
 from dis_core.metrics import is_per_step
 from dis_core.puzzle_embedding import PuzzleEmbedding
@@ -54,6 +55,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.comp = build_components(resolved, registry, data_dir or Path("data"))
         self.boundary = checks.Boundary.of(self.comp, registry)  # plugin outputs checked where they enter
+        self.run.loggers = LoggerSet(self.comp.loggers)  # [[loggers]]: fed by what the run directory writes (rank 0)
         self.spec = self.comp.task.spec
         self.train_set, self.test_set = self.comp.task.dataset("train"), self.comp.task.dataset("test")
         self.cost = StepCost.of(self.comp.backbone, self.spec.seq_len, self.comp.halting)
@@ -165,12 +167,14 @@ class Trainer:
             self.puzzle_emb.eval()
         try:
             with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-                return evaluation.evaluate(
+                metrics = evaluation.evaluate(
                     module.backbone, self.puzzle_emb, self.test_set, self.comp.evaluators, self.rule, self.comp.halting,
                     batch_size=cfg.eval_batch_size or cfg.global_batch_size, limit=cfg.eval_limit, device=self.device,
                     generator=self.generator, out_dir=lambda name: self.run.eval_dir(self.step, name), check=self.boundary.batch,
                     bf16=self.precision == "bf16",
                 )
+                trajectories.at_evaluation(self)  # train.eval_trajectories: pictures, also to the loggers
+                return metrics
         finally:
             module.train()
             if self.puzzle_emb is not None:

@@ -44,6 +44,22 @@ def run_examples(backbone, puzzle_emb, dataset, rule, halting, n: int, *, device
     return {k: v.cpu() for k, v in batch.items()}, cpu
 
 
+def at_evaluation(trainer) -> list[Path]:
+    """`train.eval_trajectories = N`: pictures of the first N test examples into
+    RUN_DIR/eval/step_<step>/trajectories/, handed to the run's loggers. Rank 0 only; called by
+    the trainer's evaluation (within it the EMA weights are in place)."""
+    n = trainer.train_cfg.eval_trajectories
+    if not n or trainer.rank != 0:
+        return []
+    batch, result = run_examples(trainer.engine.module.backbone, trainer.puzzle_emb, trainer.test_set, trainer.rule,
+                                 trainer.comp.halting, n, device=trainer.device, bf16=trainer.precision == "bf16")
+    out = trainer.run.path / "eval" / f"step_{trainer.step}" / "trajectories"
+    paths = draw(trainer.comp.task, batch, result, out, title=f"{trainer.run.path.name} · step {trainer.step}")
+    if trainer.run.loggers:
+        trainer.run.loggers.images(trainer.step, paths)
+    return paths
+
+
 # ------------------------------------------------------------------ grids
 
 

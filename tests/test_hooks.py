@@ -46,7 +46,7 @@ class _Stub(SimpleNamespace):
 
 
 class Probe:
-    """Implements all six hooks; each registers a component named `probe` whose factory records
+    """Implements every hook; each registers a component named `probe` whose factory records
     (kind, config, ctx) and returns a stand-in good enough for `build_components`."""
 
     def __init__(self, fail: dict | None = None):
@@ -86,6 +86,10 @@ class Probe:
     @hookimpl
     def register_optimizers(self, register):
         register("probe", ProbeConfig, self._factory("optimizer", lambda ctx: (lambda params: None)))
+
+    @hookimpl
+    def register_loggers(self, register):
+        register("probe", ProbeConfig, self._factory("logger", lambda ctx: _Stub()))
 
 
 def _probe_recipe(**widths) -> dict:
