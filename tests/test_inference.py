@@ -274,3 +274,40 @@ threads = 1
     assert saved["metrics"] == {k: v for k, v in summary.items() if k.startswith("arc/")}
     submission = json.loads((tmp_path / "ev" / "arc" / "submission.json").read_text())
     assert sorted(submission) == ["e1", "e2"] and all(len(submission[n]) == 2 for n in submission)
+
+
+def test_sudoku_csv_as_another_test_source(tmp_path, registry):
+    """`--set task.config.csv_test=FILE`: the run's model scores the puzzles of a Sudoku-Extreme
+    style CSV instead of its generated test split."""
+    recipe = tmp_path / "sudoku.toml"
+    recipe.write_text("""
+[task]
+name = "sudoku"
+config = { size = 4, num_train = 8, num_test = 4, num_augmentations = 1, cache = false }
+[backbone]
+name = "trm"
+config = { hidden_size = 16, num_layers = 1, num_heads = 2, expansion = 2.0, T = 1, n = 1 }
+[targets]
+name = "reveal_path"
+[supervision]
+n_sup = 2
+[[evaluators]]
+name = "sudoku"
+[train]
+global_batch_size = 4
+steps = 2
+threads = 1
+""")
+    out = tmp_path / "run"
+    trainer = Trainer(load_recipe(recipe, registry), registry, out, data_dir=tmp_path / "data")
+    trainer.fit(registry)
+    bank = trainer.comp.task.bank("test")
+    rows = ["source,question,answer,rating"] + [
+        f"t,{''.join(str(d) if d else '.' for d in q)},{''.join(map(str, a))},0"
+        for q, a in zip(bank["question"][:3].tolist(), bank["solution"][:3].tolist())
+    ]
+    (tmp_path / "extra.csv").write_text("\n".join(rows) + "\n")
+    assert cli.main(["eval", str(out), "--set", f"task.config.csv_test={json.dumps(str(tmp_path / 'extra.csv'))}",
+                     "--out", str(tmp_path / "ev")]) == 0
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved["metrics"]["sudoku/count"] == 3 and saved["overrides"][0].startswith("task.config.csv_test=")
