@@ -413,3 +413,34 @@ def check_optimizer(make: Callable[[list], torch.optim.Optimizer], *, steps: int
     end = float(loss().detach())
     assert end < start, f"{steps} steps at lr 1e-2 did not lower a small regression loss ({start:.4f} -> {end:.4f})"
     make(list(net.parameters())).load_state_dict(opt.state_dict())
+
+
+# ------------------------------------------------------------------------------ loggers
+
+
+def check_logger(logger, run_dir: str | Path | None = None) -> None:
+    """A logger keeps its contract: its four methods, called as the run directory calls them
+    (`start` with the recipe and run.json, metrics.jsonl rows, trajectory PNGs, `finish` with
+    summary.json), raise nothing. Point the logger at local storage first (W&B offline, a
+    file-store MLflow URI): this calls it for real."""
+    for method in ("start", "log", "images", "finish"):
+        assert callable(getattr(logger, method, None)), f"a logger needs a method {method}(...) (docs/hooks.md, register_loggers)"
+    import json
+
+    import matplotlib.image
+
+    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="dis-logger-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = {"task": {"name": "toy", "config": {}}, "train": {"seed": 0, "global_batch_size": 4, "steps": 2}}
+    info = {"name": run_dir.name, "world_size": 1, "params": 10, "headline_metrics": ["toy/exact_accuracy"]}
+    (run_dir / "recipe.toml").write_text('[task]\nname = "toy"\n[train]\nseed = 0\nglobal_batch_size = 4\nsteps = 2\n')
+    (run_dir / "run.json").write_text(json.dumps(info))
+    png = run_dir / "eval" / "step_2" / "trajectories" / "example_000000.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(png, np.linspace(0, 1, 8 * 8 * 3).reshape(8, 8, 3))
+    logger.start(run_dir, recipe, info)
+    logger.log({"step": 1, "split": "train", "train/loss": 1.25, "train/lr": 1e-3, "cost/examples": 4})
+    logger.log({"step": 2, "split": "train", "train/loss": 0.75, "train/lr": 1e-3, "cost/examples": 8})
+    logger.log({"step": 2, "split": "eval", "toy/exact_accuracy": 0.5, "toy/hamming@1": 2.0, "cost/examples": 8})
+    logger.images(2, [png])
+    logger.finish({"step": 2, "toy/exact_accuracy": 0.5, "cost/examples": 8, "params": 10})

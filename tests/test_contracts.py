@@ -30,6 +30,7 @@ from dis_core.testing import (
     check_backbone,
     check_evaluator,
     check_halting,
+    check_logger,
     check_optimizer,
     check_target_generator,
     check_task,
@@ -60,6 +61,7 @@ SMALL_TARGETS: dict[str, dict[str, Any]] = {}  # plan_import gets a plan file wr
 SMALL_HALTING: dict[str, dict[str, Any]] = {}
 SMALL_OPTIMIZERS: dict[str, dict[str, Any]] = {}
 SMALL_EVALUATORS: dict[str, dict[str, Any]] = {}
+SMALL_LOGGERS: dict[str, dict[str, Any]] = {"wandb": {"mode": "offline"}}  # the others write into the run directory
 
 # Evaluators that need a particular task's batch keys or encoding. Any other evaluator (`exact`,
 # or a new one) must work with every task whose factory does not refuse it with CapabilityError.
@@ -120,7 +122,7 @@ def tasks(tmp_path_factory):
 
 def test_every_kind_has_a_contract():
     """A new component kind needs its contract here too."""
-    covered = {"task", "backbone", "target_generator", "halting", "evaluator", "optimizer"}
+    covered = {"task", "backbone", "target_generator", "halting", "evaluator", "optimizer", "logger"}
     assert set(KINDS.values()) == covered, f"kinds without a contract test in {ME}: {set(KINDS.values()) - covered}"
 
 
@@ -250,3 +252,17 @@ def test_halting_contract(name, tmp_path):
     cfg = make_config("halting", name, SMALL_HALTING)
     h = build("halting", name, cfg, BuildContext(seed=0, n_sup=5, data_dir=tmp_path, component="$.halting"))
     check_halting(h, n_sup=5)
+
+
+# ------------------------------------------------------------------------------ loggers
+
+
+@pytest.mark.parametrize("name", names("logger"))
+def test_logger_contract(name, tmp_path, monkeypatch):
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "home"))  # nothing outside tmp_path, no server
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_config("logger", name, SMALL_LOGGERS)
+    logger = build("logger", name, cfg, BuildContext(seed=0, n_sup=N_SUP, data_dir=tmp_path, component="$.loggers[0]"))
+    check_logger(logger, tmp_path / "run")
