@@ -257,6 +257,7 @@ class Model:
             self.backbone, self.puzzle_emb, dataset, self.evaluators, self.rule, self.halting,
             batch_size=batch_size or self.eval_batch_size(), limit=limit if limit is not None else train.eval_limit,
             device=self.device, generator=torch.Generator().manual_seed(train.seed), out_dir=ev_dir, bf16=self.bf16,
+            **evaluation.options(self.recipe.eval),
         )
         if rank == 0 and out is not None:
             import json

@@ -14,6 +14,7 @@ lists). Its state is a plain dict of Python numbers and lists, so it pickles sma
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 import torch
@@ -89,6 +90,8 @@ def final_and_ran(record: EvalRecord) -> tuple[torch.Tensor, torch.Tensor]:
 
 def is_per_step(key: str) -> bool:
     """`exact/hamming@3` is one point of a per-step series (kept in metrics.jsonl, off the
-    console); `arc/pass@2` is a headline metric, not a step."""
+    console); `arc/pass@2` is a headline metric, not a step. A guidance sweep's suffix does not
+    change that: `exact/hamming@3@w=0.5` is per step, `exact/accuracy@w=0.5` is not."""
+    key = re.sub(r"@w=[^@/]*$", "", key)
     name, at, step = key.rpartition("/")[2].partition("@")
     return bool(at) and step.isdigit() and name != "pass"

@@ -116,6 +116,20 @@ class Supervision:
 
 
 @attrs.frozen(kw_only=True)
+class Eval:
+    """What an evaluation measures besides the evaluators' metrics (dis_core/evaluation.py)."""
+
+    # Guidance scales w (paper Eq. 5) to score in the same evaluation pass, each as a metric set
+    # `<evaluator>/<metric>@w=<w>`; every w != 1 costs one more rollout. () = none.
+    guidance: tuple[float, ...] = ()
+    # l_u, the readout "before the reasoning": y as the step received it ("step") or just before
+    # the step's last y-update ("cycle"); the same when T = 1 (docs/concepts.md).
+    readout: Literal["step", "cycle"] = "step"
+    # diagnostics/advantage_margin@s and margin_positive@s (paper Prop. 4.1) at every evaluation.
+    margin: bool = True
+
+
+@attrs.frozen(kw_only=True)
 class Recipe:
     """The recipe's own keys; the component slots (`task`, `backbone`, ..., `train.optimizer`)
     are added from the slot table by `recipe_class`."""
@@ -123,6 +137,7 @@ class Recipe:
     description: str = ""
     supervision: Supervision = attrs.field(factory=Supervision)
     train: Train
+    eval: Eval = attrs.field(factory=Eval)
     deepspeed: dict[str, Any] = attrs.field(factory=dict)  # passed through to DeepSpeed
 
 

@@ -228,14 +228,19 @@ class Rollout:
     q_halt: torch.Tensor  # (B,) fp32 halting logit after the slot's last step
     steps: torch.Tensor  # (B,) int64 steps actually run
     # With `margin=True` (the batch has labels): the Advantage Margin (paper Prop. 4.1) summed over
-    # each example's supervised cells at each step, and how many of those cells had a positive
-    # one; 0 after the example halted. `cells` (B,): its supervised cells.
-    margin: torch.Tensor | None = None  # (B, N) fp32
+    # each example's supervised cells at each step, and how many of those cells had one above
+    # MARGIN_TOL / below -MARGIN_TOL; 0 after the example halted. `cells` (B,): its supervised cells.
+    margin: torch.Tensor | None = None  # (B, N) fp64
     margin_positive: torch.Tensor | None = None  # (B, N) int64
+    margin_negative: torch.Tensor | None = None  # (B, N) int64
     cells: torch.Tensor | None = None  # (B,) int64
 
 
 READOUTS = ("step", "cycle")
+# A cell's margin counts as positive (negative) above MARGIN_TOL (below -MARGIN_TOL). Cells the
+# model is already sure of have a margin of 0 up to rounding (1 - pi_w(y*) underflows), whose
+# sign would be noise; the margin is computed in float64, so 1e-6 is far above that noise.
+MARGIN_TOL = 1e-6
 
 
 @attrs.frozen
@@ -260,9 +265,10 @@ def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
 def advantage_margin(l_u: torch.Tensor, l_c: torch.Tensor, l_w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Paper Prop. 4.1 per cell: with delta = l_c - l_u and pi_w = softmax(l_w),
     delta[y*] - E_{a ~ pi_w} delta[a]. (B, L, V) logits, labels (B, L) -> (B, L) fp32; the value
-    at an unsupervised cell (label IGNORE) is meaningless: mask it."""
-    delta = l_c.float() - l_u.float()
-    pi = torch.softmax(l_w.float(), -1)
+    at an unsupervised cell (label IGNORE) is meaningless: mask it. Computed in float64 (whatever
+    the logits' dtype) and returned as such."""
+    delta = l_c.double() - l_u.double()
+    pi = torch.softmax(l_w.double(), -1)
     safe = labels.clamp(0, delta.shape[-1] - 1)
     return delta.gather(-1, safe[..., None]).squeeze(-1) - (pi * delta).sum(-1)
 
@@ -322,7 +328,7 @@ def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzl
     if margin:
         labels = batch["labels"]
         valid = labels != IGNORE
-        margin_sum, margin_pos = [], []
+        margin_sum, margin_pos, margin_neg = [], [], []
     for s in range(1, n_max + 1):
         step = torch.full((B,), s, dtype=torch.long, device=device)
         with autocast(device, bf16):
@@ -342,7 +348,8 @@ def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzl
         if margin:
             m = advantage_margin(l_u, logits, l_w, labels)
             margin_sum.append(torch.where(valid & live[:, None], m, torch.zeros_like(m)).sum(-1))
-            margin_pos.append(((m > 0) & valid & live[:, None]).sum(-1))
+            margin_pos.append(((m > MARGIN_TOL) & valid & live[:, None]).sum(-1))
+            margin_neg.append(((m < -MARGIN_TOL) & valid & live[:, None]).sum(-1))
         q_last = torch.where(live, q[:, 0].float(), q_last)
         steps = steps + live.long()
         tokens = rule.next_tokens(pred, inputs)
@@ -360,9 +367,10 @@ def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzl
     out = Rollout(preds=preds, q_halt=q_last, steps=steps)
     if margin:
         pad = n_max - len(margin_sum)
-        m_sum = torch.nn.functional.pad(torch.stack(margin_sum, 1).float(), (0, pad))
+        m_sum = torch.nn.functional.pad(torch.stack(margin_sum, 1), (0, pad))
         m_pos = torch.nn.functional.pad(torch.stack(margin_pos, 1), (0, pad))
-        out = attrs.evolve(out, margin=m_sum, margin_positive=m_pos, cells=valid.sum(-1))
+        m_neg = torch.nn.functional.pad(torch.stack(margin_neg, 1), (0, pad))
+        out = attrs.evolve(out, margin=m_sum, margin_positive=m_pos, margin_negative=m_neg, cells=valid.sum(-1))
     return out
 
 

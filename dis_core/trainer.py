@@ -171,7 +171,7 @@ class Trainer:
                     module.backbone, self.puzzle_emb, self.test_set, self.comp.evaluators, self.rule, self.comp.halting,
                     batch_size=cfg.eval_batch_size or cfg.global_batch_size, limit=cfg.eval_limit, device=self.device,
                     generator=self.generator, out_dir=lambda name: self.run.eval_dir(self.step, name), check=self.boundary.batch,
-                    bf16=self.precision == "bf16",
+                    bf16=self.precision == "bf16", **evaluation.options(self.recipe.eval),
                 )
                 trajectories.at_evaluation(self)  # train.eval_trajectories: pictures, also to the loggers
                 return metrics

@@ -102,15 +102,15 @@ def test_advantage_margin_is_minus_the_derivative_of_the_loss():
         loss = -torch.log_softmax(l_w, -1).gather(-1, labels[..., None]).sum()
         (grad,) = torch.autograd.grad(loss, wt)
         m = advantage_margin(l_u, l_c, l_w.detach(), labels)
-        assert torch.allclose(-m.sum(), grad, atol=1e-5)
+        assert m.dtype == torch.float64 and torch.allclose(-m.sum().float(), grad, atol=1e-5)
 
 
 def test_margin_counts_only_supervised_cells_of_steps_run(tmp_path):
     model, x = trm(), batch()
     out = rollout(model, x, StepRule(n_sup=N), fixed(tmp_path, eval_halt="stable", patience=1), puzzle_emb=None, margin=True)
     ran = torch.arange(N)[None, :] < out.steps[:, None]
-    assert (out.margin_positive[~ran] == 0).all() and (out.margin[~ran] == 0).all()
-    assert (out.margin_positive <= out.cells[:, None]).all()
+    assert (out.margin_positive[~ran] == 0).all() and (out.margin[~ran] == 0).all() and (out.margin_negative[~ran] == 0).all()
+    assert (out.margin_positive + out.margin_negative <= out.cells[:, None]).all()
 
 
 # ------------------------------------------------------------------ adaptive stopping
@@ -175,3 +175,68 @@ def test_act_is_untouched_by_the_answer(tmp_path):
     assert not getattr(act, "uses_answer", False)
     out = rollout(trm(), batch(), StepRule(n_sup=N), act, puzzle_emb=None)
     assert out.steps.tolist() == [N] * 6
+
+
+# ------------------------------------------------------------------ in an evaluation
+
+
+def _trainer(tmp_path, registry, overrides=()):
+    from conftest import tiny_recipe
+
+    from dis_core.recipe import load_recipe
+    from dis_core.trainer import Trainer
+
+    resolved = load_recipe(tiny_recipe(tmp_path, steps=3), registry, list(overrides))
+    trainer = Trainer(resolved, registry, tmp_path / "run", data_dir=tmp_path / "data")
+    for _ in range(3):
+        trainer.train_step()
+    return trainer
+
+
+def test_a_guidance_sweep_scores_every_w_in_one_pass(tmp_path, registry):
+    trainer = _trainer(tmp_path, registry, ["eval.guidance=[0, 0.5, 1, 1.5]"])
+    swept = trainer.evaluate()
+    plain = {k: v for k, v in swept.items() if "@w=" not in k}
+    for w in ("0", "0.5", "1", "1.5"):
+        assert {k.removesuffix(f"@w={w}") for k in swept if k.endswith(f"@w={w}")} == set(plain), w
+    assert {k: swept[f"{k}@w=1"] for k in plain} == plain
+    # the plain set is what an evaluation without a sweep gives
+    alone = attrs_evolve_eval(trainer, guidance=())
+    assert alone == plain
+    # w changes the answers (w = 0 reads the readout before every step)
+    assert any(swept[f"exact/hamming@{s}@w=0"] != plain[f"exact/hamming@{s}"] for s in (1, 2, 3))
+
+
+def attrs_evolve_eval(trainer, **changes):
+    import attrs
+
+    trainer.recipe = attrs.evolve(trainer.recipe, eval=attrs.evolve(trainer.recipe.eval, **changes))
+    return trainer.evaluate()
+
+
+def test_every_evaluation_reports_steps_calls_and_the_margin_per_step(tmp_path, registry):
+    trainer = _trainer(tmp_path, registry)
+    m = trainer.evaluate()
+    assert m["diagnostics/mean_steps"] == 3 and m["diagnostics/calls_per_example"] == 3 * 3  # n_sup 3 x (n + 1)
+    for s in (1, 2, 3):
+        assert 0.0 <= m[f"diagnostics/margin_positive@{s}"] + m[f"diagnostics/margin_negative@{s}"] <= 1.0
+        assert f"diagnostics/advantage_margin@{s}" in m
+    off = attrs_evolve_eval(trainer, margin=False)
+    assert not any("margin" in k for k in off)
+    assert {k: v for k, v in m.items() if "margin" not in k} == off
+
+
+def test_an_adaptive_rule_reports_fewer_calls(tmp_path, registry):
+    trainer = _trainer(tmp_path, registry, ["halting.name=fixed", "halting.config.eval_halt=confident", "halting.config.threshold=0.0"])
+    m = trainer.evaluate()
+    assert m["diagnostics/mean_steps"] == 1 and m["diagnostics/calls_per_example"] == 3
+
+
+def test_a_dis_run_can_train_the_q_head(tmp_path, registry):
+    trainer = _trainer(tmp_path, registry, ["halting.name=fixed", "halting.config.q_head=true", "halting.config.eval_halt=q_head"])
+    assert trainer.engine.module.backbone.q_head.weight.requires_grad
+    out = trainer.train_step()
+    assert set(out.losses) == {"token", "q_halt"}
+    assert trainer.carry.steps.max() <= 3  # training still runs n_sup steps per slot
+    m = trainer.evaluate()
+    assert 1 <= m["diagnostics/mean_steps"] <= 3

@@ -38,7 +38,7 @@ def run(tmp_path_factory):
 
 
 def _evaluator_metrics(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k.split("/")[0] in ("exact", "nqueens")}
+    return {k: v for k, v in summary.items() if k.split("/")[0] in ("exact", "nqueens", "diagnostics")}
 
 
 def test_eval_reproduces_the_final_metrics_exactly(run, tmp_path, capsys):
@@ -271,7 +271,7 @@ threads = 1
     kaggle = tmp_path / "k_evaluation_challenges.json"
     assert cli.main(["eval", str(out), "--set", f"task.config.test_subset={json.dumps(str(kaggle))}", "--out", str(tmp_path / "ev")]) == 0
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert saved["metrics"] == {k: v for k, v in summary.items() if k.startswith("arc/")}
+    assert saved["metrics"] == {k: v for k, v in summary.items() if k.startswith(("arc/", "diagnostics/"))}
     submission = json.loads((tmp_path / "ev" / "arc" / "submission.json").read_text())
     assert sorted(submission) == ["e1", "e2"] and all(len(submission[n]) == 2 for n in submission)
 
