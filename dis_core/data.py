@@ -21,7 +21,7 @@ import torch
 
 from dis_core.checks import BatchCheck
 from dis_core.errors import PluginError, UserError
-from dis_core.interfaces import Batch, Dataset, PuzzleGroups
+from dis_core.interfaces import Batch, Dataset, GroupedDataset, PuzzleGroups
 
 
 def _global_positions(taken: int, k: int, local_batch: int, global_batch: int, rank: int) -> np.ndarray:
@@ -173,8 +173,7 @@ def check_groups(groups: PuzzleGroups, size: int, task: str) -> None:
 def make_stream(dataset: Dataset, sampler: str, global_batch: int, rank: int, world: int, seed: int, task: str):
     """The training stream `train.sampler` asks for: "groups" needs the split's optional
     `groups()`, "auto" uses it when the split has it, "examples" never does."""
-    declare = getattr(dataset, "groups", None)
-    groups = declare() if sampler != "examples" and callable(declare) else None
+    groups = dataset.groups() if sampler != "examples" and isinstance(dataset, GroupedDataset) else None
     if sampler == "groups" and groups is None:
         raise UserError(f"train.sampler = \"groups\": the training split of task {task!r} declares no puzzle groups "
                         f"(Dataset.groups()); use \"examples\" or \"auto\"")

@@ -64,7 +64,7 @@ def evaluate(backbone: torch.nn.Module, puzzle_emb, dataset, evaluators: dict, r
         log.warning("the backbone has no readout before its step: no advantage_margin rows", backbone=type(backbone).__name__)
         margin = False
     sweep = [float(w) for w in dict.fromkeys(guidance)]
-    calls = backbone.calls_per_step()[0] if callable(getattr(backbone, "calls_per_step", None)) else None
+    calls = backbone.calls_per_step()[0]
     # One set of evaluators and diagnostics per distinct rollout: the plain one (key None), and
     # one per w != 1 of the sweep (fresh copies: evaluators keep state).
     sets = {None: evaluators} | {w: {n: copy.deepcopy(ev) for n, ev in evaluators.items()} for w in sweep if w != 1.0}

@@ -49,7 +49,7 @@ def grads_of(module: torch.nn.Module, puzzle_emb=None) -> list[torch.Tensor]:
     puzzle-embedding rows used since its last step."""
     params = [p for p in module.parameters() if p.requires_grad]
     if puzzle_emb is not None:
-        params += [rows for _, rows in getattr(puzzle_emb, "_pending", ())]
+        params += puzzle_emb.pending_rows()
     return params
 
 
@@ -61,7 +61,7 @@ def drop_update(ds_engine, puzzle_emb=None) -> None:
     except TypeError:
         ds_engine.optimizer.zero_grad()
     if puzzle_emb is not None:
-        getattr(puzzle_emb, "_pending", []).clear()
+        puzzle_emb.discard_pending()
 
 
 class NonFiniteGuard:

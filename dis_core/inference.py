@@ -30,7 +30,7 @@ import torch
 from dis_core import checkpoint as ckpt
 from dis_core import engine as dist
 from dis_core.errors import CheckpointError, DataError, UserError
-from dis_core.interfaces import IGNORE, Batch
+from dis_core.interfaces import IGNORE, Batch, PuzzleIO
 from dis_core.supervision import Rollout, StepRule, rollout
 
 log = structlog.get_logger()
@@ -187,16 +187,14 @@ class Model:
             raise DataError("the inputs must be a list of puzzles (a JSON array)")
         if not len(puzzles):
             raise DataError("no puzzles to answer: the input list is empty")
-        encode = getattr(self.task, "encode_inputs", None)
-        if encode is not None:
-            arrays = dict(encode(list(puzzles)))
+        if isinstance(self.task, PuzzleIO):
+            arrays = dict(self.task.encode_inputs(list(puzzles)))
         else:
             arrays = {"inputs": _token_rows(puzzles, self.spec.seq_len, self.recipe.task.name)}
         return complete_batch(arrays, self.spec)
 
     def decode(self, tokens: np.ndarray, puzzle: Any) -> Any:
-        decode = getattr(self.task, "decode", None)
-        return decode(tokens, puzzle) if decode is not None else [int(t) for t in tokens]
+        return self.task.decode(tokens, puzzle) if isinstance(self.task, PuzzleIO) else [int(t) for t in tokens]
 
     def predict(self, inputs: Sequence[Any], steps: int | None = None, *, batch_size: int | None = None) -> list[dict]:
         """Answers for new puzzles in the task's input format (see the task's `encode_inputs`;

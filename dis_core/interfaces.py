@@ -93,11 +93,72 @@ class Task(Protocol):
         ...
 
 
+@runtime_checkable
 class SolverTrajectoryTask(Protocol):
     """Optional capability: a task that can produce solver-ordered intermediate answers."""
 
     def solver_trajectory(self, batch: Batch, n_sup: int) -> torch.Tensor:
         """(B, n_sup, L) int64 intermediate answers, frame n_sup-1 == labels."""
+        ...
+
+
+# Optional capabilities. The core checks for them with isinstance (never getattr), so a
+# component that offers one offers all of that Protocol's members.
+
+
+@runtime_checkable
+class GroupedDataset(Protocol):
+    """A training split that declares puzzle groups (ARC): `train.sampler = "groups"`."""
+
+    def groups(self) -> Any:
+        """A `PuzzleGroups`, or None when this split has none."""
+        ...
+
+
+@runtime_checkable
+class PuzzleIO(Protocol):
+    """A task whose puzzles `dis predict` reads and answers in the task's own format."""
+
+    def encode_inputs(self, puzzles: list) -> NumpyBatch:
+        """Puzzles as JSON gives them -> numpy arrays with at least "inputs" (K, L)."""
+        ...
+
+    def decode(self, tokens: np.ndarray, puzzle: Any) -> Any:
+        """(L,) answer tokens -> the answer in the puzzle's own form."""
+        ...
+
+
+@runtime_checkable
+class RenderableTask(Protocol):
+    """A task that draws its grids for trajectory pictures (else a token-colour grid)."""
+
+    def render_grid(self, tokens: np.ndarray, question: np.ndarray | None) -> Any:
+        """(L,) tokens -> (H, W, 3) uint8 RGB, or a dict with "rgb" and optional "text",
+        "text_colors", "boxes" (see dis_core/trajectories.py)."""
+        ...
+
+
+@runtime_checkable
+class AnswerAwareHalting(Protocol):
+    """A halting strategy that, when `uses_answer`, also sees the step's answer at evaluation."""
+
+    uses_answer: bool
+
+
+@runtime_checkable
+class StepReadout(Protocol):
+    """A backbone that decodes any y (guidance and the Advantage Margin, readout "step")."""
+
+    def decode(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) -> (B, L, V) logits over the task positions."""
+        ...
+
+
+@runtime_checkable
+class CycleReadout(Protocol):
+    """A backbone that also returns the logits before its last y-update (readout "cycle")."""
+
+    def forward_readouts(self, state, tokens, step, puzzle_emb=None):
         ...
 
 
@@ -123,9 +184,10 @@ class HaltingStrategy(Protocol):
 
     The trainer owns the carry (slot states, step counters); the strategy only decides.
 
-    Optional: `uses_answer = True` makes evaluation call `halt(..., answer=answer)` with a
-    `dis_core.supervision.Answer` (the step's logits, mean top-class probability, steps the
-    argmax has not changed), for rules that stop on the answer itself (`fixed`'s `eval_halt`).
+    Optional (`AnswerAwareHalting`): `uses_answer = True` makes evaluation call
+    `halt(..., answer=answer)` with a `dis_core.supervision.Answer` (the step's logits, mean
+    top-class probability, steps the argmax has not changed), for rules that stop on the answer
+    itself (`fixed`'s `eval_halt`).
     """
 
     max_steps: int  # no slot runs more supervision steps than this

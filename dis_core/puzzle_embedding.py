@@ -70,6 +70,15 @@ class PuzzleEmbedding(nn.Module):
             dist.broadcast(new, src=0)
         self.weights[rows] = new
 
+    def pending_rows(self) -> list[Tensor]:
+        """The leaf rows of the training forwards since the last step (their grads are what
+        `step` applies)."""
+        return [rows for _, rows in self._pending]
+
+    def discard_pending(self) -> None:
+        """Forget the rows used since the last step (a skipped, non-finite update)."""
+        self._pending.clear()
+
     def memory_bytes(self) -> int:
         """Bytes held: the table plus the rows awaiting a step."""
         pending = sum(r.numel() * r.element_size() * 2 for _, r in self._pending)  # rows and their grads

@@ -20,7 +20,7 @@ import attrs
 import torch
 from torch import nn
 
-from dis_core.interfaces import IGNORE, Batch
+from dis_core.interfaces import IGNORE, AnswerAwareHalting, Batch, CycleReadout, StepReadout
 from dis_core.losses import per_sequence_ce
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -274,10 +274,11 @@ def advantage_margin(l_u: torch.Tensor, l_c: torch.Tensor, l_w: torch.Tensor, la
 
 
 def _check_readouts(backbone: nn.Module, readout: str) -> None:
-    need = {"step": "decode", "cycle": "forward_readouts"}.get(readout)
+    need = {"step": ("decode", StepReadout), "cycle": ("forward_readouts", CycleReadout)}.get(readout)
     if need is None:
         raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
-    if not callable(getattr(backbone, need, None)):
+    need, capability = need
+    if not isinstance(backbone, capability):
         raise ValueError(f"readout {readout!r} needs the backbone's `{need}` (guidance and the Advantage Margin); "
                          f"{type(backbone).__name__} has none")
 
@@ -313,7 +314,7 @@ def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzl
     readouts = guided or margin
     if readouts:
         _check_readouts(backbone, readout)
-    uses_answer = bool(getattr(halting, "uses_answer", False))
+    uses_answer = isinstance(halting, AnswerAwareHalting) and halting.uses_answer
     dtype = next(backbone.parameters()).dtype
     y, z = (t.to(device=device, dtype=dtype) for t in backbone.initial_state(B))
     emb = puzzle_emb.to(dtype) if puzzle_emb is not None else None

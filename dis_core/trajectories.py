@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dis_core.data import fetch
-from dis_core.interfaces import IGNORE
+from dis_core.interfaces import IGNORE, RenderableTask
 from dis_core.supervision import Rollout, rollout
 
 CHANGED = "#e6007e"  # outline of a cell the step changed
@@ -87,8 +87,7 @@ def token_grid(tokens: np.ndarray, spec) -> dict:
 
 
 def _render(task, tokens: np.ndarray, question: np.ndarray | None) -> dict:
-    hook = getattr(task, "render_grid", None)
-    drawn = hook(tokens, question) if hook is not None else token_grid(tokens, task.spec)
+    drawn = task.render_grid(tokens, question) if isinstance(task, RenderableTask) else token_grid(tokens, task.spec)
     if not isinstance(drawn, dict):
         drawn = {"rgb": drawn}
     rgb = np.asarray(drawn["rgb"])
