@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import structlog
 import torch
@@ -67,11 +67,11 @@ def drop_update(ds_engine, puzzle_emb=None) -> None:
 class NonFiniteGuard:
     """Per-run state of the check: the policy and the count of consecutive skipped steps."""
 
-    def __init__(self, policy: str = "stop", *, checkpoints: Path | None = None):
+    def __init__(self, policy: str = "stop", *, newest_checkpoint: Callable[[], Path | None] | None = None):
         if policy not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {policy!r}")
         self.policy = policy
-        self.checkpoints = checkpoints  # named in the message: where the last good weights are
+        self.newest_checkpoint = newest_checkpoint  # named in the message: where the last good weights are
         self.skipped = 0  # in the whole session
         self.in_a_row = 0
 
@@ -98,12 +98,10 @@ class NonFiniteGuard:
 
 
     def _last_good(self) -> str:
-        from dis_core.checkpoint import find_latest
-
-        tag = find_latest(self.checkpoints, dist.world_size()) if self.checkpoints is not None and self.checkpoints.is_dir() else None
-        if tag is None:
+        newest = self.newest_checkpoint() if self.newest_checkpoint is not None else None
+        if newest is None:
             return "no checkpoint had been written yet"
-        return f"the newest checkpoint, {self.checkpoints / tag}, holds the last good weights"
+        return f"the newest checkpoint, {newest}, holds the last good weights"
 
 
 def check_weights(tensors: Iterable[tuple[str, torch.Tensor]], step: int) -> None:

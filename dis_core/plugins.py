@@ -23,10 +23,10 @@ import structlog
 
 from dis_core import hookspecs
 from dis_core.errors import PluginError, UserError
+from dis_core.registry import COMMAND_LINE, Registry
 from dis_core.slots import SLOTS, Slot
 
 ENTRY_POINT_GROUP = "dis"
-COMMAND_LINE = "__dis_plugin_flag__"  # set on a module loaded by --plugin: the flag's value
 log = structlog.get_logger()
 
 
@@ -151,21 +151,8 @@ def make_plugin_manager(*, load_entry_points: bool = True, extra_plugins: tuple 
     return pm
 
 
-def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:
-    name = pm.get_name(plugin)
-    return name or getattr(plugin, "__name__", repr(plugin))
-
-
-def plugin_version(pm: pluggy.PluginManager, plugin: object) -> str | None:
-    for p, dist in pm.list_plugin_distinfo():
-        if p is plugin:
-            return dist.version
-    return None
-
 
 def load_registry(*, extra_plugins: tuple = (), load_entry_points: bool = True, slots: tuple[Slot, ...] = SLOTS):
-    from dis_core.registry import Registry
-
     return Registry.collect(make_plugin_manager(load_entry_points=load_entry_points, extra_plugins=extra_plugins, slots=slots))
 
 

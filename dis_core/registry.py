@@ -23,6 +23,21 @@ from dis_core.slots import SLOTS, Slot, slot_of
 KINDS: dict[str, str] = {slot.hook: slot.kind for slot in SLOTS}
 
 
+COMMAND_LINE = "__dis_plugin_flag__"  # set on a module loaded by --plugin: the flag's value
+
+
+def plugin_label(pm, plugin: object) -> str:
+    name = pm.get_name(plugin)
+    return name or getattr(plugin, "__name__", repr(plugin))
+
+
+def plugin_version(pm, plugin: object) -> str | None:
+    for p, dist in pm.list_plugin_distinfo():
+        if p is plugin:
+            return dist.version
+    return None
+
+
 @attrs.frozen
 class Entry:
     kind: str
@@ -112,8 +127,6 @@ class Registry:
     @classmethod
     def collect(cls, pm) -> "Registry":
         """Call every registration hook of the plugin manager and fill a fresh registry."""
-        from dis_core.plugins import COMMAND_LINE, plugin_label, plugin_version
-
         reg = cls(getattr(pm, "slots", SLOTS))
         reg.broken = list(getattr(pm, "broken", ()))
         installed = getattr(pm, "entry_point_names", set())

@@ -72,7 +72,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.resumed_from = None
         self.last_eval, self.last_eval_step = {}, None
-        self.guard = guards.NonFiniteGuard(cfg.on_nonfinite, checkpoints=self.run.checkpoints)
+        self.guard = guards.NonFiniteGuard(cfg.on_nonfinite, newest_checkpoint=lambda: training_state.newest(self))
         if resume:
             self._resume()
 

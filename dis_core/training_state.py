@@ -65,3 +65,10 @@ def restore(t) -> str:
     t.run.truncate_metrics(t.step)
     log.info("resumed", checkpoint=str(t.run.checkpoints / tag), step=t.step)
     return tag
+
+
+def newest(t) -> Path | None:
+    """The newest complete checkpoint of trainer `t`'s run, if any."""
+    root = t.run.checkpoints
+    tag = checkpoint.find_latest(root, t.world) if root.is_dir() else None
+    return root / tag if tag else None
