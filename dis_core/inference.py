@@ -173,13 +173,15 @@ class Model:
             raise UserError(f"--steps {steps}: the model was trained for 1..{n_max} supervision steps")
         return steps
 
-    def rollout(self, batch: Batch, steps: int | None = None) -> Rollout:
-        """`supervision.rollout` on a batch of tensors (moved to the model's device)."""
+    def rollout(self, batch: Batch, steps: int | None = None, guidance: float = 1.0) -> Rollout:
+        """`supervision.rollout` on a batch of tensors (moved to the model's device); `guidance`
+        is the paper's w (Eq. 5): answers from (1 - w) l_u + w l_c, the recipe's `eval.readout`."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         emb = self.puzzle_emb(batch["puzzle_ids"]) if self.puzzle_emb is not None else None
         with torch.inference_mode():
             return rollout(self.backbone, batch, self.rule, self.halting, puzzle_emb=emb,
-                           max_steps=self.check_steps(steps), bf16=self.bf16)
+                           max_steps=self.check_steps(steps), bf16=self.bf16, guidance=guidance,
+                           readout=self.recipe.eval.readout)
 
     def encode(self, puzzles: Sequence[Any]) -> dict[str, np.ndarray]:
         """The task's `encode_inputs(puzzles)`, or, for a task without it, lists of L token ids."""
@@ -196,7 +198,8 @@ class Model:
     def decode(self, tokens: np.ndarray, puzzle: Any) -> Any:
         return self.task.decode(tokens, puzzle) if isinstance(self.task, PuzzleIO) else [int(t) for t in tokens]
 
-    def predict(self, inputs: Sequence[Any], steps: int | None = None, *, batch_size: int | None = None) -> list[dict]:
+    def predict(self, inputs: Sequence[Any], steps: int | None = None, *, batch_size: int | None = None,
+                guidance: float = 1.0) -> list[dict]:
         """Answers for new puzzles in the task's input format (see the task's `encode_inputs`;
         without one, lists of L token ids). One dict per puzzle: `answer` (after the last step
         run), `trajectory` (the answer after each step run), `changed` (cells changed by each
@@ -210,7 +213,7 @@ class Model:
         chunk = batch_size or self.eval_batch_size()
         for lo in range(0, size, chunk):
             part = to_torch({k: v[lo: lo + chunk] for k, v in arrays.items()})
-            result = self.rollout(part, steps)
+            result = self.rollout(part, steps, guidance)
             preds, ran = result.preds.cpu().numpy(), result.steps.cpu().tolist()
             q, question = result.q_halt.cpu().tolist(), part["inputs"].numpy()
             for i in range(len(preds)):

@@ -35,6 +35,8 @@ def add_parsers(sub) -> None:
     pr.add_argument("inputs", metavar="INPUTS",
                     help="a JSON file holding a list of puzzles in the task's input format ('-' reads stdin)")
     pr.add_argument("--steps", type=int, default=None, help="supervision steps to run (default: all the model was trained for)")
+    pr.add_argument("--w", type=float, default=1.0, dest="guidance",
+                    help="guidance scale w (paper Eq. 5): answers from (1 - w) l_u + w l_c; 1 = the plain model")
     pr.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the JSON here instead of stdout")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the run's recipe")
     pr.add_argument("--batch-size", type=int, default=None, help="puzzles per batch (default: the run's evaluation batch)")
@@ -99,9 +101,9 @@ def cmd_predict(args) -> int:
     _positive(args.steps, "--steps")
     puzzles = _read_inputs(args.inputs)
     model = load(args.source, set_overrides=args.overrides, data_dir=args.data_dir, weights=args.weights)
-    answers = model.predict(puzzles, steps=args.steps, batch_size=args.batch_size)
+    answers = model.predict(puzzles, steps=args.steps, batch_size=args.batch_size, guidance=args.guidance)
     doc = {"checkpoint": str(model.checkpoint), "step": model.step, "weights": model.weights, "task": model.recipe.task.name,
-           "steps": model.check_steps(args.steps), "predictions": answers}
+           "steps": model.check_steps(args.steps), "w": args.guidance, "predictions": answers}
     text = _dumps(doc)
     if args.out is not None:
         from dis_core.rundir import atomic_write

@@ -110,6 +110,15 @@ def test_predict_answers_boards_with_per_step_trajectories(run, tmp_path):
     model = dis_core.load(out, data_dir=data)
     again = model.predict(boards, steps=2)
     assert [p["trajectory"] for p in again] == [p["trajectory"][:2] for p in doc["predictions"]]
+    # The guidance scale w: 1 is the plain model; another w goes through the same rollout.
+    assert model.predict(boards, guidance=1.0) == model.predict(boards)
+    batch = {k: torch.as_tensor(v) for k, v in model.encode(boards).items()}
+    guided = model.rollout(batch, guidance=0.0)
+    assert [p["trajectory"] for p in model.predict(boards, guidance=0.0)] == [
+        [model.decode(f, b) for f in guided.preds[i, : int(guided.steps[i])].numpy()] for i, b in enumerate(boards)]
+    assert cli.main(["predict", str(out), str(tmp_path / "boards.json"), "--w", "0.5", "--out", str(tmp_path / "w.json"),
+                     "--data-dir", str(data)]) == 0
+    assert json.loads((tmp_path / "w.json").read_text())["w"] == 0.5
 
 
 @pytest.mark.parametrize("inputs, words", [
