@@ -84,8 +84,8 @@ class Train:
     # gradient accumulation (DeepSpeed's gradient_accumulation_steps). None = all of its share.
     # Changes memory, not the training: the carry, refills and halting are those of the whole batch.
     micro_batch_size: int | None = attrs.field(default=None, validator=_positive)
-    # auto: bf16 autocast where the hardware runs bf16 natively (CUDA; CPUs with AVX512-BF16 or
-    # AMX), else fp32. Weights, optimizer and the stablemax loss stay fp32/float64.
+    # bf16 = autocast over fp32 weights, optimizer and float64 loss. auto: bf16 on CUDA, fp32 on
+    # CPUs (even with native bf16 it is not faster for small shapes: docs/results/throughput_cpu.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
     grad_clip: float = 0.0  # 0 = off (the reference does not clip)
