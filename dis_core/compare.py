@@ -46,6 +46,8 @@ X_AXES = {
     "train_calls": (CALLS, "training network calls"),
     "examples": (EXAMPLES, "training examples"),
     "wall": (WALL, "wall time (s)"),
+    # Measured at each evaluation (diagnostics/*): what an answer costs, e.g. with adaptive halting.
+    "eval_calls": ("diagnostics/calls_per_example", "network calls per test example"),
 }
 # Recipe keys that change the pacing or logging of a run, not what it learns: runs differing only
 # in these (and the seed) are repeats of one recipe. Documented in docs/compare.md.

@@ -186,9 +186,6 @@ class RunDir:
             elif self.loggers and name == "summary.json":
                 self.loggers.finish(data)
 
-    def read_json(self, name: str) -> dict:
-        return json.loads((self.path / name).read_text())
-
     def log(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.is_main:
             return

@@ -261,3 +261,14 @@ def test_per_step_columns_only_on_request(study):
     assert "exact/hamming@2" in compare(study, metric="exact/hamming@2").splitlines()[0]  # asked for by name
     assert is_per_step("exact/hamming@3") and is_per_step("nqueens/valid@12")
     assert not is_per_step("arc/pass@2") and not is_per_step("nqueens/exact_accuracy")
+
+
+def test_eval_calls_on_the_x_axis(tmp_path):
+    """--x eval_calls plots the metric against what an answer cost at each evaluation."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"name": "r", "recipe": {"train": {"seed": 0}}}))
+    rows = [{"step": 10, "split": "eval", "x/acc": 0.5, "diagnostics/calls_per_example": 12.0},
+            {"step": 20, "split": "eval", "x/acc": 0.7, "diagnostics/calls_per_example": 9.0}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert curve(load_run(run), "x/acc", "eval_calls") == ([12.0, 9.0], [0.5, 0.7])
