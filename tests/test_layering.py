@@ -28,7 +28,7 @@ SOURCES = {"dis_core": ROOT / "dis_core", "dis_plugins": ROOT / "plugins"}  # im
 # Helpers a family of builtin plugins shares: package -> modules every module directly in it may use.
 SHARED = {
     "dis_plugins.backbones": ("dis_plugins.backbones.layers",),  # the blocks of trm and hrm
-    "dis_plugins.tasks": ("dis_plugins.tasks.bank_cache",),  # the generated tasks' on-disk cache
+    "dis_plugins.tasks": ("dis_plugins.tasks.bank_cache", "dis_plugins.tasks.puzzle_csv"),  # the generated tasks' cache and CSV layout
 }
 
 

@@ -10,17 +10,15 @@ canonical shortest path (lowest cell index first).
 
 from __future__ import annotations
 
-import csv
 import random
 import time
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 
 from dis_core.errors import DataError
 from dis_core.logs import progress
-from dis_plugins.tasks.bank_cache import utf8_text
+from dis_plugins.tasks.puzzle_csv import csv_path, puzzle_rows, raise_first
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5  # token = position in CHARSET + 1
@@ -147,28 +145,12 @@ for _i, _ch in enumerate(CHARSET):
 
 def read_csv(path: str, rows: int, cols: int, key: str) -> dict:
     """`source,question,answer,rating` rows of rows*cols characters over "# SGo"."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise DataError(f"task maze: {key} {p} is a directory, not a CSV file")
-    if not p.is_file():
-        raise DataError(f"task maze: {key} file {p} not found")
+    p = csv_path(path, "maze", key)
     L, questions, answers, lines = rows * cols, [], [], []
-    with p.open(newline="", encoding="utf-8") as f, utf8_text(p):
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        if "question" not in header or "answer" not in header:
-            raise DataError(f"{p}:1: header must name the columns source,question,answer,rating (got {header})")
-        iq, ia = header.index("question"), header.index("answer")
-        for row in reader:
-            where = f"{p}:{reader.line_num}"
-            if len(row) != len(header):
-                raise DataError(f"{where}: {len(row)} fields, the header has {len(header)}")
-            for name, text in (("question", row[iq]), ("answer", row[ia])):
-                if len(text) != L or not text.isascii():
-                    raise DataError(f"{where}: {name} must be {L} ASCII characters ({rows}x{cols}), got {len(text)}")
-            questions.append(row[iq])
-            answers.append(row[ia])
-            lines.append(reader.line_num)
+    for line, question, answer, _ in puzzle_rows(p, L, f"{rows}x{cols}"):
+        questions.append(question)
+        answers.append(answer)
+        lines.append(line)
     if not questions:
         raise DataError(f"task maze: {p} has no rows")
     q = _TOKEN[np.frombuffer("".join(questions).encode(), dtype=np.uint8)].reshape(-1, L)
@@ -181,7 +163,5 @@ def read_csv(path: str, rows: int, cols: int, key: str) -> dict:
         ((a == 0).any(1), "answer has a character outside '# SGo'"),
         (((a != q) & ~((q == OPEN) & (a == PATH))).any(1), "answer changes a cell other than marking open cells 'o'"),
     ]
-    for bad, what in problems:
-        if bad.any():
-            raise DataError(f"{p}:{lines[int(np.argmax(bad))]}: {what}")
+    raise_first(p, lines, problems)
     return {"question": q, "label": a, "length": (a == PATH).sum(1).astype(np.int32) + 1}

@@ -10,16 +10,14 @@ singles alone solve it. Grids here are digits (0 blank); tokens are the task's b
 
 from __future__ import annotations
 
-import csv
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 
 from dis_core.errors import DataError, UserError
 from dis_core.logs import progress
-from dis_plugins.tasks.bank_cache import utf8_text
+from dis_plugins.tasks.puzzle_csv import csv_path, puzzle_rows, raise_first
 
 
 class Geometry:
@@ -212,40 +210,23 @@ _DIGIT[[ord(str(d)) for d in range(1, 10)]] = np.arange(1, 10)
 
 def read_csv(path: str, geo: Geometry, min_difficulty: int, key: str) -> dict:
     """`source,question,answer,rating` rows -> bank arrays; DataError names file and line."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise DataError(f"task sudoku: {key} {p} is a directory, not a CSV file")
-    if not p.is_file():
-        raise DataError(f"task sudoku: {key} file {p} not found")
+    p = csv_path(path, "sudoku", key)
     if geo.n > 9:
         raise UserError(f"task sudoku: {key} holds one character per cell, so boards up to 9x9 only")
     questions, answers, ratings, lines = [], [], [], []
-    with p.open(newline="", encoding="utf-8") as f, utf8_text(p):
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        if "question" not in header or "answer" not in header:
-            raise DataError(f"{p}:1: header must name the columns source,question,answer,rating (got {header})")
-        iq, ia = header.index("question"), header.index("answer")
-        ir = header.index("rating") if "rating" in header else None
-        for row in reader:
-            where = f"{p}:{reader.line_num}"
-            if len(row) != len(header):
-                raise DataError(f"{where}: {len(row)} fields, the header has {len(header)}")
-            for name, text in (("question", row[iq]), ("answer", row[ia])):
-                if len(text) != geo.cells or not text.isascii():
-                    raise DataError(f"{where}: {name} must be {geo.cells} ASCII characters, got {len(text)}")
-            rating = 0
-            if ir is not None:
-                try:
-                    rating = int(float(row[ir]))
-                except ValueError:
-                    raise DataError(f"{where}: rating {row[ir]!r} is not a number") from None
-            if rating < min_difficulty:
-                continue
-            questions.append(row[iq])
-            answers.append(row[ia])
-            ratings.append(rating)
-            lines.append(reader.line_num)
+    for line, question, answer, row in puzzle_rows(p, geo.cells):
+        rating = 0
+        if row.get("rating") is not None:
+            try:
+                rating = int(float(row["rating"]))
+            except ValueError:
+                raise DataError(f"{p}:{line}: rating {row['rating']!r} is not a number") from None
+        if rating < min_difficulty:
+            continue
+        questions.append(question)
+        answers.append(answer)
+        ratings.append(rating)
+        lines.append(line)
     if not questions:
         raise DataError(f"task sudoku: {p} has no rows (with rating >= {min_difficulty})")
     q = _DIGIT[np.frombuffer("".join(questions).encode(), dtype=np.uint8)].reshape(-1, geo.cells)
@@ -256,9 +237,7 @@ def read_csv(path: str, geo: Geometry, min_difficulty: int, key: str) -> dict:
         (((q != 0) & (q != a)).any(1), "answer disagrees with a given of the question"),
         (~valid_grids(a.astype(np.int64), geo), "answer breaks a row, column or box constraint"),
     ]
-    for bad, what in problems:
-        if bad.any():
-            raise DataError(f"{p}:{lines[int(np.argmax(bad))]}: {what}")
+    raise_first(p, lines, problems)
     rank = np.full(q.shape, -2, dtype=np.int16)  # -2: solve order not computed yet (lazily)
     return {"question": q, "solution": a, "difficulty": np.array(ratings, dtype=np.int32), "rank": rank}
 
