@@ -248,10 +248,7 @@ class Model:
         rank = dist.rank()
 
         def ev_dir(name: str) -> Path | None:
-            if out is None:
-                return None
-            (out / name).mkdir(parents=True, exist_ok=True)
-            return out / name
+            return None if out is None else out / name  # created by an evaluator that writes
 
         started = time.perf_counter()
         metrics = evaluation.evaluate(

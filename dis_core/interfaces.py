@@ -276,7 +276,8 @@ class Evaluator(Protocol):
     `update` sees CPU tensors. `state` must be picklable (it is gathered across ranks).
     `compute` runs on rank 0 only and returns metrics without the evaluator prefix
     (the trainer names them `<evaluator>/<metric>`). `out_dir` is where files such as
-    `submission.json` go.
+    `submission.json` go; it may not exist yet: an evaluator that writes creates it (so that
+    evaluators that write nothing leave no empty folders behind).
 
     `headline` names the one metric that answers "how well does it solve the task" (without the
     prefix, e.g. "valid_solution_rate", "pass@2"): the trainer records it in run.json

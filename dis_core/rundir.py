@@ -232,7 +232,5 @@ class RunDir:
         return found[-1] if found else None
 
     def eval_dir(self, step: int, evaluator: str) -> Path:
-        d = self.path / "eval" / f"step_{step}" / evaluator
-        if self.is_main:
-            d.mkdir(parents=True, exist_ok=True)
-        return d
+        # Not created here: an evaluator that writes files creates it (most write none).
+        return self.path / "eval" / f"step_{step}" / evaluator

@@ -245,4 +245,14 @@ class Trainer:
         cost = self._cost()
         if metrics and self.rank == 0:
             self.run.log(self.step, "eval", metrics | cost)
-            log.info("eval", step=self.step, **{k: round(v, 4) for k, v in metrics.items() if not is_per_step(k)})
+            log.info("eval", step=self.step, **{k: round(v, 4) for k, v in metrics.items() if self._console_metric(k)})
+
+    def _console_metric(self, key: str) -> bool:
+        """The console shows the plain metrics and, of a guidance sweep, only each evaluator's
+        headline per w (metrics.jsonl has them all); per-step rows are for files and plots."""
+        if is_per_step(key):
+            return False
+        if "@w=" not in key:
+            return True
+        name, _, metric = key.partition("@w=")[0].partition("/")
+        return name in self.comp.evaluators and metric == self.comp.evaluators[name].headline

@@ -240,3 +240,16 @@ def test_a_dis_run_can_train_the_q_head(tmp_path, registry):
     assert trainer.carry.steps.max() <= 3  # training still runs n_sup steps per slot
     m = trainer.evaluate()
     assert 1 <= m["diagnostics/mean_steps"] <= 3
+
+
+def test_the_console_shows_each_w_by_its_headline_only(tmp_path, registry):
+    trainer = _trainer(tmp_path, registry, ["eval.guidance=[0, 1]"])
+    swept = trainer.evaluate()
+    shown = {k for k in swept if trainer._console_metric(k)}
+    heads = {f"{name}/{ev.headline}" for name, ev in trainer.comp.evaluators.items()}
+    assert {k for k in shown if "@w=" in k} == {f"{h}@w={w}" for h in heads for w in ("0", "1")}
+    from dis_core.metrics import is_per_step
+
+    assert {k for k in shown if "@w=" not in k} == {k for k in swept if "@w=" not in k and not is_per_step(k)}
+    # evaluators that write no files leave no empty folders under eval/
+    assert not (tmp_path / "run" / "eval").exists() or not any(p.is_dir() for p in (tmp_path / "run" / "eval").rglob("*"))

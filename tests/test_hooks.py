@@ -238,6 +238,7 @@ class Components:
 
             def compute(self, states, out_dir):
                 n = sum(s["n"] for s in states)
+                out_dir.mkdir(parents=True, exist_ok=True)  # created by the evaluator that writes
                 (out_dir / "count.txt").write_text(str(n))
                 return {"examples": n, "mean_steps": sum(s["steps"] for s in states) / max(n, 1)}
 
@@ -285,6 +286,7 @@ def test_inline_components_of_every_kind_train_and_evaluate(tmp_path):
     # evaluator: every test example once, named <evaluator>/<metric>, files under eval/step_N/<name>/
     assert summary["count/examples"] == 12 and summary["count/mean_steps"] == 3
     assert (tmp_path / "run" / "eval" / "step_4" / "count" / "count.txt").read_text() == "12"
+    assert not (tmp_path / "run" / "eval" / "step_4" / "exact").exists()  # wrote nothing: no empty folder
     assert "exact/accuracy" in summary and rec.updates >= 1
     pickle.dumps(trainer.comp.evaluators["count"].state())
     # optimizer: made once, on the backbone's trainable parameters, and its lr kept at the base
