@@ -162,6 +162,15 @@ def test_evaluator_on_hand_made_predictions(tmp_path):
     assert m["count"] == 3
     assert m["valid_solution_rate"] == pytest.approx(1 / 3)
     assert m["exact_accuracy"] == pytest.approx(1 / 3)
+    assert m["valid@1"] == m["valid@2"] == pytest.approx(1 / 3)
+    # per step: the broken grid is fixed at step 2; the third example halted after step 1
+    steps2 = preds.clone()
+    steps2[1, 1] = y[0]
+    ev.reset()
+    ev.update(EvalRecord(batch=batch3, preds=steps2, q_halt=torch.zeros(3), steps=torch.tensor([2, 2, 1])))
+    m = ev.compute([ev.state()], None)
+    assert m["valid@1"] == pytest.approx(1 / 3) and m["valid@2"] == pytest.approx(2 / 2)
+    assert m["valid_solution_rate"] == pytest.approx(2 / 3)
     ev.reset()
     assert ev.state()["count"] == 0
 

@@ -21,7 +21,7 @@ import torch
 from dis_core import hookimpl
 from dis_core.errors import CapabilityError, DataError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
-from dis_core.metrics import Tally
+from dis_core.metrics import Tally, final_and_ran
 from dis_core.reveal import ranked_reveal
 from dis_core.validators import positive
 from dis_plugins.tasks.bank_cache import cached_bank, memoised_split, split_seed
@@ -268,6 +268,11 @@ class SudokuEvalConfig:
 
 
 class SudokuEvaluator:
+    """`valid_solution_rate`: the final grid holds digits only, keeps the givens and breaks no
+    row, column or box; `exact_accuracy` matches y*; `valid@s` is the valid rate after step s
+    (over the examples that ran step s), which the adaptive-steps benchmark reads as "stop every
+    example after s steps"."""
+
     headline = "valid_solution_rate"
 
     def __init__(self, geo: Geometry):
@@ -277,17 +282,26 @@ class SudokuEvaluator:
     def reset(self) -> None:
         self.tally = Tally("count", "valid", "exact", "cells", "cells_right")
 
-    def update(self, record: EvalRecord) -> None:
-        pred = record.preds[:, -1].cpu().long()  # (B, L)
-        inputs, labels = record.batch["inputs"].cpu(), record.batch["labels"].cpu()
+    def _valid(self, pred: torch.Tensor, inputs: torch.Tensor) -> np.ndarray:
+        """(B, L) predictions and questions -> (B,) bool valid solutions."""
         digits = (pred - 1).numpy()
         in_range = ((digits >= 1) & (digits <= self.geo.n)).all(1)
         keeps_givens = ((pred == inputs) | (inputs == 1)).all(1).numpy()
-        valid = in_range & keeps_givens & valid_grids(np.clip(digits, 0, self.geo.n), self.geo)
+        return in_range & keeps_givens & valid_grids(np.clip(digits, 0, self.geo.n), self.geo)
+
+    def update(self, record: EvalRecord) -> None:
+        preds = record.preds.cpu().long()  # (B, N, L); a halted example repeats its answer
+        inputs, labels = record.batch["inputs"].cpu(), record.batch["labels"].cpu()
+        b, n_steps, length = preds.shape
+        pred = preds[:, -1]
+        valid = self._valid(pred, inputs)
+        _, ran = final_and_ran(record)
+        each = self._valid(preds.reshape(b * n_steps, length), inputs.repeat_interleave(n_steps, 0)).reshape(b, n_steps)
         supervised = labels != IGNORE
         right = (pred == labels) & supervised
         self.tally.add(count=len(pred), valid=valid.sum(), exact=(right | ~supervised).all(1).sum(),
-                       cells=supervised.sum(), cells_right=right.sum())
+                       cells=supervised.sum(), cells_right=right.sum(),
+                       valid_sum=(torch.from_numpy(each) & ran).sum(0), valid_count=ran.sum(0))
 
     def state(self) -> dict:
         return self.tally.state()
@@ -299,6 +313,7 @@ class SudokuEvaluator:
             "exact_accuracy": t.ratio("exact", "count"),
             "cell_accuracy": t.ratio("cells_right", "cells"),
             "count": float(t["count"]),
+            **t.per_step("valid", "valid_sum", "valid_count"),
         }
 
 
