@@ -377,3 +377,22 @@ def test_registration():
     for mod in (trm_mod, hrm_mod):
         mod.register_backbones(register=lambda name, cls, factory: seen.setdefault(name, (cls, factory)))
     assert seen == {"trm": (TRMConfig, build_trm), "hrm": (HRMConfig, build_hrm)}
+
+
+def test_bf16_attention_on_cpu_takes_the_math_path_and_agrees_with_the_fused_kernel():
+    """bf16 on a CPU runs attention through the math path (faster at short sequences); it must
+    compute the same attention as the fused kernel up to bf16 rounding, and fp32 must keep the
+    fused kernel (the golden traces pin it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dis_plugins.backbones.layers import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 16, generator=g) for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(attend(q, k, v), exact)  # fp32: the fused kernel, bit for bit
+    got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16
+    with sdpa_kernel(SDPBackend.MATH):
+        assert torch.equal(got, torch.nn.functional.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()))
+    assert (got.float() - exact).abs().max() < 0.05  # bf16 inputs: ~3 significant digits

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NORM_EPS = 1e-5
 
@@ -133,6 +134,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + torch.cat((-b, a), dim=-1) * sin).to(x.dtype)
 
 
+# Longest sequence for which a CPU in bf16 uses PyTorch's plain ("math") attention instead of
+# its fused flash kernel. The fused CPU kernel is slow in bf16 at short sequences, while the
+# math path runs the two products as bf16 matmuls (docs/results/throughput_cpu.md); beyond this
+# length its (B, H, S, S) score tensors cost more memory than the speed is worth. fp32 always
+# takes the fused kernel: that is the reference's computation, which the golden traces pin.
+CPU_BF16_MATH_ATTENTION_MAX_LEN = 1024
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full (unmasked) attention, q/k/v (B, H, S, d_h) -> (B, H, S, d_h)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= CPU_BF16_MATH_ATTENTION_MAX_LEN:
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=False)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=False)
+
+
 class Attention(nn.Module):
     """Full multi-head self-attention: fused q/k/v projection, no bias, no mask (PAD and
     prefix positions attend everywhere, as in the reference)."""
@@ -149,7 +166,7 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         # SDPA wants (B, H, S, d_h); the transposes are views.
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
