@@ -17,17 +17,24 @@ import numpy as np
 import torch
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """Best-of fp32 square-matmul throughput with the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
+def matmul_peak_gflops(n: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32,
+                       device: torch.device = torch.device("cpu")) -> float:
+    """Best-of square-matmul throughput in `dtype` on `device` with the current thread count:
+    the ceiling a training step in that precision is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(2):
+        once()
+    return 2 * n**3 / min(once() for _ in range(repeats)) / 1e9
 
 
 def time_eval(trainer, batches: int) -> tuple[float, int, int]:
@@ -60,7 +67,9 @@ def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Pat
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(resolved, registry, Path(tmp) / "bench", data_dir=data_dir)
-        peak = matmul_peak_gflops()
+        # The step's matmuls run in the run's precision (bf16 = autocast), so that is the ceiling.
+        dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
+        peak = matmul_peak_gflops(dtype=dtype, device=trainer.device)
         for _ in range(warmup):
             trainer.train_step()
         times = []
@@ -69,7 +78,7 @@ def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Pat
             trainer.train_step()
             times.append(time.perf_counter() - t0)
         # The machine may be shared: take the better of two peak measurements around the steps.
-        peak = max(peak, matmul_peak_gflops())
+        peak = max(peak, matmul_peak_gflops(dtype=dtype, device=trainer.device))
         evaluated = time_eval(trainer, eval_batches) if eval_batches else None
     med = statistics.median(times)
     batch = resolved.recipe.train.global_batch_size
@@ -82,7 +91,7 @@ def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Pat
         f"step time           median {med * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms over {steps} steps",
         f"throughput          {batch / med:.1f} examples x steps / s",
         f"network calls       {cost.calls} per step ({cost.grad_calls} with grad), {cost.calls * batch / med:.0f} calls / s",
-        f"achieved            {gflops:.1f} GFLOP/s = {100 * gflops / peak:.0f}% of the measured fp32 matmul peak {peak:.1f} GFLOP/s",
+        f"achieved            {gflops:.1f} GFLOP/s = {100 * gflops / peak:.0f}% of the measured {trainer.precision} matmul peak {peak:.1f} GFLOP/s",
         f"peak memory (RSS)   {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB for the whole process "
         f"(micro-batch {trainer.micro_batches[0].stop - trainer.micro_batches[0].start} slots per process)",
         f"load average        {os.getloadavg()[0]:.2f} (figures from a busy machine are not comparable)",

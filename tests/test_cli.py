@@ -106,3 +106,11 @@ def test_bench_prints_throughput_figures(tmp_path):
     res = _cli(["bench", str(tiny_recipe(tmp_path)), "--steps", "2", "--warmup", "1", "--data-dir", str(tmp_path / "data")], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "examples x steps / s" in res.stdout and "GFLOP/s" in res.stdout and "of the measured fp32 matmul peak" in res.stdout
+    assert "precision fp32" in res.stdout
+
+
+def test_bench_in_bf16_measures_against_the_bf16_peak(tmp_path):
+    res = _cli(["bench", str(tiny_recipe(tmp_path)), "--steps", "2", "--warmup", "1", "--data-dir", str(tmp_path / "data"),
+                "--set", "train.precision=bf16"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "precision bf16" in res.stdout and "of the measured bf16 matmul peak" in res.stdout

@@ -134,17 +134,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + torch.cat((-b, a), dim=-1) * sin).to(x.dtype)
 
 
-# Longest sequence for which a CPU in bf16 uses PyTorch's plain ("math") attention instead of
-# its fused flash kernel. The fused CPU kernel is slow in bf16 at short sequences, while the
-# math path runs the two products as bf16 matmuls (docs/results/throughput_cpu.md); beyond this
-# length its (B, H, S, S) score tensors cost more memory than the speed is worth. fp32 always
-# takes the fused kernel: that is the reference's computation, which the golden traces pin.
-CPU_BF16_MATH_ATTENTION_MAX_LEN = 1024
+# Below this many positions a CPU in bf16 runs attention through PyTorch's plain ("math") path
+# instead of its fused flash kernel. That kernel tiles the queries by 32 below 192 positions (by
+# 64 or 256 above), and in bf16 those small tiles are slow: a whole training step measured 1.5x
+# faster with the math path at S 64 and 1.6x at S 128, while flash was 1.1x faster at S 256 and
+# 2x at S 512 and 916 (docs/results/throughput_cpu.md). fp32 always takes the fused kernel: it
+# is the reference's computation, which the golden traces pin bit for bit.
+CPU_BF16_MATH_ATTENTION_BELOW = 192
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full (unmasked) attention, q/k/v (B, H, S, d_h) -> (B, H, S, d_h)."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= CPU_BF16_MATH_ATTENTION_MAX_LEN:
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] < CPU_BF16_MATH_ATTENTION_BELOW:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, is_causal=False)
     return F.scaled_dot_product_attention(q, k, v, is_causal=False)
