@@ -100,10 +100,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """auto: bf16 on CUDA with bf16 support, fp32 elsewhere. bf16 means autocast around the
     backbone: weights, optimizer and the stablemax loss stay in fp32/float64.
 
-    CPUs stay fp32 under auto even with native bf16 (AVX512-BF16, AMX): measured on such a CPU,
-    bf16 autocast made a training step 1.20x faster at D256/S916/B8 but 0.89x (slower) at
-    D128/S64/B64, and its accuracy on CPU recipes is not yet measured
-    (docs/results/throughput_cpu.md). Ask for it with `train.precision = "bf16"`."""
+    CPUs stay fp32 under auto even with native bf16 (AVX512-BF16, AMX). There bf16 autocast is
+    faster (a training step 1.3-1.5x at the issue's configs, 1.85x on nqueens_quick and
+    sudoku_quick), but fp32 is the computation the golden traces pin to the official code, and
+    bf16 has not been shown to cost nothing on every CPU recipe (docs/results/precision_cpu.md).
+    Ask for it with `train.precision = "bf16"`."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
     return precision

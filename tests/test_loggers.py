@@ -139,7 +139,7 @@ def test_a_run_without_loggers_writes_nothing_more(tmp_path, registry):
     run = tmp_path / "run"
     Trainer(load_recipe(tiny_recipe(tmp_path, steps=3), registry), registry, run, data_dir=tmp_path / "data").fit(registry)
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
-        "checkpoints", "eval", "metrics.jsonl", "recipe.toml", "run.json", "summary.json"]
+        "checkpoints", "metrics.jsonl", "recipe.toml", "run.json", "summary.json"]
 
 
 class _Flaky:
