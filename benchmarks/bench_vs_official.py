@@ -130,7 +130,7 @@ class RandomTask:
         register("bench_random", _NoOptions, lambda config, ctx: Task())
 
 
-def dis_step(c: dict, precision: str, threads: int, workdir: Path):
+def dis_step(c: dict, precision: str, threads: int, workdir: Path, compile_: bool = False):
     from dis_core.plugins import load_registry
     from dis_core.recipe import load_recipe
     from dis_core.trainer import Trainer
@@ -138,7 +138,7 @@ def dis_step(c: dict, precision: str, threads: int, workdir: Path):
     registry = load_registry(extra_plugins=(RandomTask(c),))
     prefix = f", puzzle_emb_ndim = {c['hidden']}, puzzle_emb_len = {c['prefix']}" if c["prefix"] else ""
     workdir.mkdir(parents=True, exist_ok=True)
-    recipe = workdir / f"bench_{precision}.toml"
+    recipe = workdir / f"bench_{precision}{'_compiled' if compile_ else ''}.toml"
     recipe.write_text(f"""
 [task]
 name = "bench_random"
@@ -154,11 +154,12 @@ global_batch_size = {c['batch']}
 steps = 1000000
 precision = "{precision}"
 threads = {threads}
+compile = {str(compile_).lower()}
 [train.optimizer]
 name = "adamw"
 config = {{ lr = 1e-4 }}
 """)
-    trainer = Trainer(load_recipe(recipe, registry), registry, workdir / f"run_{precision}", data_dir=workdir / "data")
+    trainer = Trainer(load_recipe(recipe, registry), registry, workdir / f"run_{recipe.stem}", data_dir=workdir / "data")
     return trainer.train_step
 
 
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per side and round (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time dis in bf16 with train.compile = true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     prepare(cpu=DEVICE == "cpu")
@@ -206,6 +208,8 @@ def main() -> None:
                 "official fp32": official_step(args.trm, c),
                 "dis fp32": dis_step(c, "fp32", args.threads, Path(tmp) / f"{name}32"),
                 "dis bf16": dis_step(c, "bf16", args.threads, Path(tmp) / f"{name}16"),
+                **({"dis bf16+compile": dis_step(c, "bf16", args.threads, Path(tmp) / f"{name}16c", compile_=True)}
+                   if args.compile else {}),
             }
             times: dict[str, list[float]] = {k: [] for k in sides}
             for _ in range(args.rounds):
@@ -220,7 +224,7 @@ def main() -> None:
                 med = statistics.median(ts)
                 gf = flops / med / 1e9
                 peak = peaks["bf16" if "bf16" in label else "fp32"]
-                print(f"  {label:14s} {med * 1e3:8.1f} ms  {base / med:5.2f}x official  {gf:6.1f} GFLOP/s = {100 * gf / peak:3.0f}% of the {'bf16' if 'bf16' in label else 'fp32'} peak")
+                print(f"  {label:17s} {med * 1e3:8.1f} ms  {base / med:5.2f}x official  {gf:6.1f} GFLOP/s = {100 * gf / peak:3.0f}% of the {'bf16' if 'bf16' in label else 'fp32'} peak")
     print(f"\nload at the end {os.getloadavg()[0]:.2f} (figures from a busy machine are not comparable)")
 
 

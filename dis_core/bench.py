@@ -86,7 +86,8 @@ def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Pat
     gflops = cost.train_flops * batch / med / 1e9
     lines = [
         f"recipe              {resolved.source}",
-        f"device / threads    {trainer.device} / {torch.get_num_threads()}, precision {trainer.precision}",
+        f"device / threads    {trainer.device} / {torch.get_num_threads()}, precision {trainer.precision}"
+        f"{', compiled (train.compile)' if resolved.recipe.train.compile else ''}",
         f"batch               {batch} (x {trainer.world} processes)",
         f"step time           median {med * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms over {steps} steps",
         f"throughput          {batch / med:.1f} examples x steps / s",

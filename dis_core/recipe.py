@@ -85,8 +85,13 @@ class Train:
     # Changes memory, not the training: the carry, refills and halting are those of the whole batch.
     micro_batch_size: int | None = attrs.field(default=None, validator=_positive)
     # bf16 = autocast over fp32 weights, optimizer and float64 loss. auto: bf16 on CUDA, fp32 on
-    # CPUs (even with native bf16 it is not faster for small shapes: docs/results/throughput_cpu.md).
+    # CPUs, so that a recipe trains alike on every CPU (bf16 is the faster choice on CPUs with
+    # AVX512-BF16/AMX: docs/results/precision_cpu.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile the backbone (inductor). Off by default: it changes the arithmetic (fused
+    # kernels), so fp32 runs are no longer bit-identical to the reference, and compiling takes
+    # tens of seconds per shape. Pays most in bf16 on a CPU (docs/results/throughput_cpu.md).
+    compile: bool = False
     threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
     grad_clip: float = 0.0  # 0 = off (the reference does not clip)
     # A non-finite loss or gradient norm: "stop" the run (exit status 3, the newest checkpoint is

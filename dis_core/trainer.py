@@ -89,6 +89,10 @@ class Trainer:
                 "final targets with step_input = 'prediction': official TRM and HRM feed the question "
                 "at every step; set supervision.step_input = 'question' for a TRM baseline"
             )
+        if cfg.compile:
+            # In place (nn.Module.compile): parameter names, checkpoints and EMA stay as they are;
+            # evaluation and prediction go through the same compiled forward.
+            comp.backbone.compile()
         model = SupervisedStep(comp.backbone, comp.halting, self.rule, bf16=self.precision == "bf16")
         optimizer = comp.make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]

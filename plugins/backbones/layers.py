@@ -345,6 +345,14 @@ class RecursiveBackbone(nn.Module):
         # One table for every block; it holds no parameters or buffers (nothing in the state dict).
         self.rotary = Rotary(D // c.num_heads, self.seq_len, c.rope_theta) if c.pos_encodings == "rope" else None
 
+    def compile(self, *args, **kwargs) -> None:
+        """`train.compile`: torch.compile the reasoning modules only, where the time goes. The
+        embedding stays eager: with the whole backbone compiled under bf16 autocast (torch
+        2.13, CPU) the token- and step-embedding gradients came out non-finite."""
+        for module in self.modules():
+            if isinstance(module, Reasoner):
+                module.compile(*args, **kwargs)
+
     def _add_heads(self, vocab_size: int) -> None:
         D = self.hidden_size
         self.lm_head = Linear(D, vocab_size)
