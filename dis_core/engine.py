@@ -100,11 +100,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """auto: bf16 on CUDA with bf16 support, fp32 elsewhere. bf16 means autocast around the
     backbone: weights, optimizer and the stablemax loss stay in fp32/float64.
 
-    CPUs stay fp32 under auto even with native bf16 (AVX512-BF16, AMX). There bf16 autocast is
-    faster (a training step 1.3-1.5x at the issue's configs, 1.85x on nqueens_quick and
-    sudoku_quick), but fp32 is the computation the golden traces pin to the official code, and
-    bf16 has not been shown to cost nothing on every CPU recipe (docs/results/precision_cpu.md).
-    Ask for it with `train.precision = "bf16"`."""
+    CPUs stay fp32 under auto even with native bf16 (AVX512-BF16, AMX), so that a recipe and
+    seed train the same way on every CPU: whether a CPU has native bf16 is a property of the
+    machine (without it bf16 is ~25x slower), and fp32 is what the golden traces pin to the
+    official code. Where the CPU has it, bf16 is the faster choice (a step 1.85x on the CPU
+    recipes, no measurable accuracy cost: docs/results/precision_cpu.md); ask for it with
+    `train.precision = "bf16"`."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
     return precision

@@ -88,7 +88,7 @@ class Train:
     # CPUs, so that a recipe trains alike on every CPU (bf16 is the faster choice on CPUs with
     # AVX512-BF16/AMX: docs/results/precision_cpu.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # torch.compile the backbone (inductor). Off by default: it changes the arithmetic (fused
+    # torch.compile the backbone (trm/hrm: their reasoning blocks) with inductor. Off by default: it changes the arithmetic (fused
     # kernels), so fp32 runs are no longer bit-identical to the reference, and compiling takes
     # tens of seconds per shape. Pays most in bf16 on a CPU (docs/results/throughput_cpu.md).
     compile: bool = False

@@ -90,8 +90,9 @@ class Trainer:
                 "at every step; set supervision.step_input = 'question' for a TRM baseline"
             )
         if cfg.compile:
-            # In place (nn.Module.compile): parameter names, checkpoints and EMA stay as they are;
-            # evaluation and prediction go through the same compiled forward.
+            # In place (nn.Module.compile; a backbone may narrow it to its hot modules): parameter
+            # names, checkpoints and EMA stay as they are, and the trainer's evaluations run
+            # compiled too. `dis eval` / `dis predict` load the weights into an eager backbone.
             comp.backbone.compile()
         model = SupervisedStep(comp.backbone, comp.halting, self.rule, bf16=self.precision == "bf16")
         optimizer = comp.make_optimizer([p for p in model.parameters() if p.requires_grad])
