@@ -370,7 +370,11 @@ class RecursiveBackbone(nn.Module):
         return self.blocks_per_call * block_flops(seq_len, self.hidden_size, self.config.expansion, self.mlp_t)
 
     def _decode(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.lm_head(y[:, self.prefix_len :])  # (B, L, V): the prefix is never decoded
+        # Decode every position, then drop the prefix, as the reference does: decoding only the L
+        # answer positions sums the lm_head weight gradient in another order (~1e-7 a step away
+        # from the reference), for a saving of P/S of one small matmul: 1.7% of the output layer
+        # at ARC shapes, an output layer that is under 0.1% of a step's FLOPs.
+        logits = self.lm_head(y)[:, self.prefix_len :]  # (B, L, V)
         q_logits = self.q_head(y[:, 0]).float()  # (B, 2) [halt, continue] from the first position
         return logits, q_logits
 
