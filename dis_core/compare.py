@@ -256,6 +256,25 @@ def group_runs(runs: list[Run], group: bool = True) -> list[Group]:
     return [attrs.evolve(g, label=f"{g.label} [{g.runs[0].path}]") if counts[g.label] > 1 else g for g in groups]
 
 
+def distinct_seeds(groups: list[Group]) -> tuple[list[Group], list[str]]:
+    """Each group with one run per seed (the first given), and a line per run left out. A run
+    and its copy or resumed twin share a seed and learn the same thing: pooling both would count
+    one measurement twice (n = 2, std 0)."""
+    kept, notes = [], []
+    for g in groups:
+        first: dict[Any, Run] = {}
+        runs = []
+        for run in g.runs:
+            seed = run.recipe_value("train", "seed")
+            if seed is not None and seed in first:
+                notes.append(f"{run.path} repeats seed {seed} of {first[seed].path} ({g.label}): counted once")
+                continue
+            first.setdefault(seed, run)
+            runs.append(run)
+        kept.append(attrs.evolve(g, runs=tuple(runs)))
+    return kept, notes
+
+
 def _stats(values: list[Any]) -> tuple[float | None, float | None, int]:
     """(mean, sample standard deviation or None below two values, count) of the numbers given."""
     nums = [float(v) for v in values if _is_number(v)]
@@ -462,13 +481,23 @@ def compare(
         raise UserError("dis compare needs at least one run directory")
     if x not in X_AXES:
         raise UserError(f"--x {x!r}: choose one of {', '.join(X_AXES)}")
-    runs = [load_run(d) for d in run_dirs]
+    notes, unique = [], {}
+    for d in run_dirs:
+        resolved = Path(d).resolve()
+        if resolved in unique:
+            notes.append(f"{d} is {unique[resolved]} given again: counted once")
+        else:
+            unique[resolved] = d
+    runs = [load_run(d) for d in unique.values()]
     groups = group_runs(runs, group)
+    if group:
+        groups, repeated = distinct_seeds(groups)
+        notes += repeated
     chosen = choose_metric(runs, metric)
     others = [m for r in runs for m in r.metrics() if per_step or not is_per_step(m)]
     metrics = list(dict.fromkeys(([chosen] if chosen else []) + sorted(dict.fromkeys(others), key=_metric_order)))
     headers, rows = table_rows(groups, metrics, group=group)
-    text = render_terminal(headers, rows, group)
+    text = render_terminal(headers, rows, group) + "".join(f"\nnote: {n}" for n in notes)
     if out is None:
         return text
 
@@ -483,6 +512,7 @@ def compare(
     parts = ["# dis compare", ""]
     parts += [f"- **{g.label}**" + (f" (n={len(g.runs)})" if group else "") + ": "
               + ", ".join(f"`{r.path}`" for r in g.runs) for g in groups]
+    parts += [f"- note: {n}" for n in notes]
     parts += ["", render_markdown(headers, rows, group)]
     written = [md_path]
     if chosen:

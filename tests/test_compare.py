@@ -272,3 +272,17 @@ def test_eval_calls_on_the_x_axis(tmp_path):
             {"step": 20, "split": "eval", "x/acc": 0.7, "diagnostics/calls_per_example": 9.0}]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert curve(load_run(run), "x/acc", "eval_calls") == ([12.0, 9.0], [0.5, 0.7])
+
+
+def test_one_run_given_twice_and_a_resumed_twin_count_once(tmp_path, study):
+    """A run named twice, or a copy of a run (same recipe, same seed: e.g. a resumed twin), is
+    one measurement: pooled once, and the output names what was left out."""
+    twin = tmp_path / "quick-s1-resumed"
+    write_run(twin, twin.name, n_sup=6, targets="reveal_path", halting="fixed", seed=1,
+              source="recipes/nqueens_quick.toml", final={"nqueens/valid_solution_rate": 0.6}, evals=[(1e9, 0.4), (2.1e9, 0.6)])
+    text = compare([study[0], study[0], study[1], twin])
+    row = text.splitlines()[2].split()
+    assert row[:2] == ["nqueens_quick", "2"]  # seeds 0 and 1, not n = 4
+    assert f"note: {study[0]} is {study[0]} given again: counted once" in text
+    assert f"note: {twin} repeats seed 1 of {study[1]}" in text
+    assert "0.5500 ± 0.0707" in text  # mean and sample std of 0.5 and 0.6 only
