@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dis_core.errors import UserError
+
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32,
                        device: torch.device = torch.device("cpu")) -> float:
@@ -62,8 +64,21 @@ def time_eval(trainer, batches: int) -> tuple[float, int, int]:
     return statistics.median(times), size, len(trainer.test_set)
 
 
+def check_counts(*, steps: int, warmup: int, eval_batches: int) -> None:
+    """`dis bench`'s counts, checked before anything is built: a median needs a timed step."""
+    wrong = [f"{flag} must be {rule}, got {value}" for flag, value, rule, ok in (
+        ("--steps", steps, "at least 1", steps >= 1),
+        ("--warmup", warmup, ">= 0", warmup >= 0),
+        ("--eval", eval_batches, ">= 0 (0 = no evaluation timing)", eval_batches >= 0),
+    ) if not ok]
+    if wrong:
+        raise UserError("dis bench: " + "; ".join(wrong))
+
+
 def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Path = Path("data"), eval_batches: int = 0) -> str:
     from dis_core.trainer import Trainer
+
+    check_counts(steps=steps, warmup=warmup, eval_batches=eval_batches)
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(resolved, registry, Path(tmp) / "bench", data_dir=data_dir)

@@ -53,8 +53,14 @@ def _tensors(ds_engine, extra: dict | None):
 
 
 def _write_failure(exc: BaseException) -> bool:
-    """An OSError, or torch's C++ writer failing (it raises RuntimeError on a full disk)."""
-    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower())
+    """An OSError, or torch's C++ writer failing: it raises RuntimeError on a full disk, and on a
+    folder it cannot create ("Parent directory ... does not exist": DeepSpeed only logs that)."""
+    text = str(exc).lower()
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and ("write" in text or "parent directory" in text))
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
 
 
 def dir_bytes(path: Path) -> int:
@@ -99,10 +105,18 @@ def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict,
     tmp_tag, tag = f".tmp-step_{step}", f"step_{step}"
     guards.check_weights(_tensors(ds_engine, extra), step)  # the same weights on every rank: all raise
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        _check_space(root, _estimate_bytes(root, ds_engine, shared_state, rank_state, world), tag)
-    if rank == 0 and (root / tmp_tag).exists():
-        shutil.rmtree(root / tmp_tag)  # leftovers of a write that was killed
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _check_space(root, _estimate_bytes(root, ds_engine, shared_state, rank_state, world), tag)
+            if (root / tmp_tag).exists():
+                shutil.rmtree(root / tmp_tag)  # leftovers of a write that was killed
+            # Created here, not by DeepSpeed, which logs a folder it cannot create and goes on.
+            (root / tmp_tag).mkdir()
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write checkpoint {tag} under {root}: {_reason(exc)}. Make that directory writable "
+                f"(or pass another --out) and resume with --resume"
+            ) from None
     dist_engine.barrier()
     try:
         ds_engine.save_checkpoint(str(root), tag=tmp_tag, client_state=shared_state, save_latest=False)
@@ -116,22 +130,27 @@ def save(ds_engine, root: Path, step: int, shared_state: dict, rank_state: dict,
         if not _write_failure(exc):
             raise
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
-        previous = find_latest(root, world)
-        kept = f"the previous checkpoint {root / previous} is intact" if previous else "no earlier checkpoint exists"
-        reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
         raise CheckpointError(
-            f"could not write checkpoint {tag} under {root}: {reason}; its temporary folder was removed and {kept}. "
-            f"Free space on that disk (or pass another --out) and resume with --resume"
+            f"could not write checkpoint {tag} under {root}: {_reason(exc)}; its temporary folder was removed and "
+            f"{_kept(root, world)}. Free space on that disk or make it writable (or pass another --out) and resume with --resume"
         ) from None
     dist_engine.barrier()
     if rank == 0:
-        if (root / tag).exists():
-            shutil.rmtree(root / tag)
-        (root / tmp_tag).rename(root / tag)
-        atomic_write(root / "latest", tag + "\n")
+        try:
+            if (root / tag).exists():
+                shutil.rmtree(root / tag)
+            (root / tmp_tag).rename(root / tag)
+            atomic_write(root / "latest", tag + "\n")
+        except OSError as exc:
+            raise CheckpointError(f"could not finish checkpoint {tag} under {root}: {_reason(exc)}; {_kept(root, world)}") from None
         log.info("checkpoint", path=str(root / tag), mib=round(dir_bytes(root / tag) / 2**20, 1))
     dist_engine.barrier()
     return root / tag
+
+
+def _kept(root: Path, world: int) -> str:
+    previous = find_latest(root, world)
+    return f"the previous checkpoint {root / previous} is intact" if previous else "no earlier checkpoint exists"
 
 
 def prune(root: Path, world: int, *, keep: int, best: str | None = None, mode: str = "max") -> list[str]:
@@ -176,6 +195,12 @@ def candidates(root: Path, world: int) -> list[str]:
         reverse=True,
     )
     return tags + [name for _, name in steps if name not in tags]
+
+
+def written(root: Path) -> bool:
+    """Whether any checkpoint folder `step_N/` exists under `root`, complete or not (a
+    `.tmp-step_N/` one is a write that was cut short, not a checkpoint)."""
+    return root.is_dir() and any(re.fullmatch(r"step_\d+", p.name) for p in root.iterdir())
 
 
 def find_latest(root: Path, world: int) -> str | None:

@@ -3,8 +3,8 @@
 Exit statuses: 0 done; 2 a problem the user or the environment must fix (`UserError`, a broken
 plugin, an OS error such as a full disk or a read-only directory, out of memory, another rank of
 the run failing), one message and no traceback; 3 training diverged (`RunDiverged`: a non-finite
-loss or gradient; the newest checkpoint holds the last good weights); 130 interrupted. Only bugs
-produce tracebacks (status 1).
+loss or gradient; the newest checkpoint holds the last good weights); 130 interrupted (Ctrl-C), 143
+stopped by SIGTERM (both after a checkpoint when training). Only bugs produce tracebacks (status 1).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import errno
 import json
 import os
 import re
+import shlex
+import signal
 import sys
 from pathlib import Path
 
-from dis_core.errors import DisError, RecipeError, RunDiverged, UserError
+from dis_core.errors import DisError, RecipeError, RunDirError, RunDiverged, UserError
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +51,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train and evaluate a recipe")
     _run_args(run)
-    run.add_argument("--out", type=Path, default=None, help="run directory (default runs/<recipe>-<time>)")
+    # A string, not a Path: Path("") is the current directory, and `--out ""` must be refused.
+    run.add_argument("--out", default=None, help="run directory (default runs/<recipe>-<time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out (default: the newest run of this recipe)")
     run.add_argument("--dry-run", action="store_true", help="build everything, print the resolved recipe and costs, do not train")
     run.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
@@ -71,10 +74,14 @@ def make_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="run every component of a recipe once on a tiny batch, checking what each returns")
     _run_args(check)
     check.add_argument("--batch", type=int, default=4, help="examples in the training step and the evaluation rollout")
+    check.add_argument("--examples", default=None, metavar="CHOICE", help="the training examples whose target path is checked: "
+                       "hardest (default: most cells to change), random[:SEED], first or ids:3,17,42")
     check.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
     show = sub.add_parser("show", help="print examples with their per-step target path, as grids")
     _run_args(show)
-    show.add_argument("--examples", type=int, default=3, metavar="N", help="the first N examples of the split")
+    show.add_argument("--examples", default=None, metavar="CHOICE", help="which examples: hardest (default: most cells to "
+                      "change), random[:SEED], first or ids:3,17,42; a number N: N examples (as -n N)")
+    show.add_argument("-n", "--count", type=int, default=3, help="how many examples (default 3)")
     show.add_argument("--split", default="train", choices=["train", "test"])
     show.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
 
@@ -154,6 +161,11 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
+    if args.out is not None:
+        if not args.out:
+            raise RunDirError('--out "" names no directory (an unset shell variable?); dis would write into the '
+                              'current directory. Pass a directory path, or leave --out out for runs/<recipe>-<time>')
+        args.out = Path(args.out)
     registry, resolved = _load(args)
     if args.dry_run:
         return _dry_run(args, registry, resolved)
@@ -163,11 +175,13 @@ def cmd_run(args) -> int:
     if args.resume and out is None:
         out = latest_run(args.recipe)
         if out is None:
-            raise UserError(f"--resume: no earlier run of {args.recipe} under runs/; pass --out DIR")
+            raise RunDirError(f"--resume: there is no run of {args.recipe} to resume under runs/ (a runs/"
+                              f"{Path(args.recipe).stem}-<date>-<time> started from this file); pass --out DIR")
     if out is None:
         out = default_out(args.recipe)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("with several processes pass --out DIR, so every rank writes to the same run directory")
+    args.run_dir = out  # for the message of an interrupted run
     # Lock the directory first (a second run stops here, naming the holder), then check what it holds.
     open_run_dir(out, resume=args.resume, is_main=int(os.environ.get("RANK", "0")) == 0, command=" ".join(sys.argv))
     try:
@@ -220,46 +234,78 @@ def _finished_summary(trainer, out: Path) -> dict | None:
     return summary
 
 
+# Extending a run (more steps, other intervals) is fine; changing what it trains is not. Trackers
+# (`loggers`) may be added or changed.
+RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "train.eval_interval", "train.checkpoint_interval", "train.log_interval",
+                     "train.eval_limit", "train.eval_batch_size", "train.on_nonfinite", "train.eval_trajectories", "loggers")
+_ABSENT = object()
+
+
 def _check_resume_recipe(out: Path, resolved) -> None:
     import tomllib
 
+    from dis_core.checkpoint import written
+
     saved_file = out / "recipe.toml"
     if not saved_file.exists():
+        if not written(out / "checkpoints"):
+            return  # stopped before writing it: nothing to keep to, the run starts again from step 0
         raise UserError(f"--resume: {out} has no recipe.toml; is it a dis run directory?")
-    saved = tomllib.loads(saved_file.read_text())
-    now = resolved.to_dict()
-    # Extending a run (more steps, other intervals) is fine; changing what it trains is not.
-    allowed = {"steps", "epochs", "eval_interval", "checkpoint_interval", "log_interval", "eval_limit", "eval_batch_size", "on_nonfinite",
-               "eval_trajectories"}
-    diffs = []
-    for key in sorted(set(saved) | set(now)):
-        if key == "train":
-            a, b = saved.get(key, {}), now.get(key, {})
-            diffs += [f"train.{k}" for k in sorted(set(a) | set(b)) if k not in allowed and a.get(k) != b.get(k)]
-        elif key != "loggers" and saved.get(key) != now.get(key):  # trackers may be added or changed
-            diffs.append(key)
+    try:
+        saved = tomllib.loads(saved_file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--resume: {saved_file} is not a readable recipe ({exc}); restore it, or start a new run "
+                        f"with another --out") from None
+    diffs = [(key, old, new) for key, old, new in _differences(saved, resolved.to_dict())
+             if not any(key == k or key.startswith((f"{k}.", f"{k}[")) for k in RESUME_MAY_CHANGE)]
     if diffs:
-        raise UserError(f"--resume: the recipe differs from the one saved in {saved_file} at: {', '.join(diffs)}")
+        lines = "".join(f"\n  - {key}: was {_shown(old)}, now {_shown(new)}" for key, old, new in diffs)
+        raise UserError(f"--resume: the recipe differs from the one saved in {saved_file}:{lines}\nResume with the recipe "
+                        f"the run was started with (or {saved_file} itself), or start a new run with another --out")
+
+
+def _differences(old, new, at: str = ""):
+    """(key path, old value, new value) of every leaf that differs. Paths are compared resolved:
+    a recipe typed as ../recipes/x.toml, or reached through a symlink, resolves its relative
+    paths to other spellings of the same files."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*old, *(k for k in new if k not in old)]:
+            yield from _differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{at}.{key}" if at else key)
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            yield from _differences(a, b, f"{at}[{i}]")
+    elif old != new and not (isinstance(old, str) and isinstance(new, str) and os.path.isabs(old) and os.path.isabs(new)
+                             and os.path.realpath(old) == os.path.realpath(new)):
+        yield at, old, new
+
+
+def _shown(value) -> str:
+    text = "(absent)" if value is _ABSENT else json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _dry_run(args, registry, resolved) -> int:
     import tomli_w
 
     from dis_core.build import build_components
-    from dis_core.runinfo import static_figures
+    from dis_core.runinfo import recipe_method, static_figures
 
     comp = build_components(resolved, registry, args.data_dir)
     figures = static_figures(comp)
     figures["train_examples"] = len(comp.task.dataset("train"))
     figures["test_examples"] = len(comp.task.dataset("test"))
+    method = recipe_method(resolved)
     if args.json:
-        print(json.dumps({**figures, "recipe": resolved.to_dict()}, indent=2))
+        print(json.dumps({**figures, "method": method, "recipe": resolved.to_dict()}, indent=2))
         return 0
     print(f"# resolved recipe: {resolved.source}")
     print(tomli_w.dumps(resolved.to_dict()))
     print("# figures")
     for key, value in figures.items():
         print(f"{key:36s} {value:,.0f}" if isinstance(value, (int, float)) and value >= 1000 else f"{key:36s} {value}")
+    print(f"{'method':36s} {method['method']} (step_input = {method['step_input']!r})")
+    if method["note"]:
+        print(f"note: {method['note']}")
     return 0
 
 
@@ -275,7 +321,7 @@ def cmd_check(args) -> int:
     from dis_core.kit import check_recipe, format_rows
 
     registry, resolved = _load(args)
-    rows = check_recipe(resolved, registry, data_dir=args.data_dir, batch_size=args.batch)
+    rows = check_recipe(resolved, registry, data_dir=args.data_dir, batch_size=args.batch, examples=args.examples)
     print(format_rows(rows))
     return 0 if all(r.ok for r in rows) else 2
 
@@ -287,7 +333,8 @@ def cmd_show(args) -> int:
 
     registry, resolved = _load(args)
     width = shutil.get_terminal_size((100, 24)).columns
-    print(show_examples(resolved, registry, data_dir=args.data_dir, examples=args.examples, split=args.split, width=width))
+    print(show_examples(resolved, registry, data_dir=args.data_dir, examples=args.examples, count=args.count, split=args.split,
+                        width=width))
     return 0
 
 
@@ -324,9 +371,34 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(_peer_failure_message(exc), 2, tell_peers=False)
         _tell_peers(f"{type(exc).__name__}: {exc}")
         raise
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM while training (trainer.Interrupted)
+        print(interrupted_message(args, exc), file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def interrupted_message(args, exc: KeyboardInterrupt) -> str:
+    """What stopped, what was kept, and the exact command that continues (or restarts) the run."""
+    out = getattr(args, "run_dir", None)
+    if args.command != "run" or out is None:
+        return "interrupted"
+    from dis_core.checkpoint import find_latest
+
+    parts = ["dis-run", args.recipe, "--out", str(out), "--resume"]
+    parts += [a for s in args.overrides for a in ("--set", s)] + [a for m in args.plugins for a in ("--plugin", m)]
+    if args.data_dir != Path("data"):
+        parts += ["--data-dir", str(args.data_dir)]
+    command = shlex.join(parts)
+    if _rank_world()[1] > 1:
+        command = f"the same launch command with --out {shlex.quote(str(out))} --resume"
+    newest = find_latest(out / "checkpoints", _rank_world()[1]) if (out / "checkpoints").is_dir() else None
+    if getattr(exc, "checkpoint", None) is not None:
+        said = f"stopped by {signal.Signals(exc.signum).name} at step {exc.step}, after writing checkpoint {exc.checkpoint}"
+    elif newest:
+        said = f"interrupted; the newest checkpoint is {out / 'checkpoints' / newest}"
+    else:
+        return (f"interrupted before the run's first checkpoint; start it again from step 0 (its metrics rows are "
+                f"dropped) with: {command}")
+    return f"{said}. Continue with: {command}"
 
 
 def _fail(message: str, status: int, *, tell_peers: bool = True) -> int:

@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, IterableValidationError
 from cattrs.v import format_exception, transform_error
@@ -57,12 +58,44 @@ def error_messages(exc: BaseException, path: str) -> list[str]:
     return [f"{_format(exc, None)} @ {path}"]
 
 
-def structure(data: Any, cls: type, path: str) -> tuple[Any, list[str]]:
-    """(instance, []) on success, (None, messages) on failure."""
+def structure(data: Any, cls: type, path: str, *, unchecked: bool = False) -> tuple[Any, list[str]]:
+    """(instance, []) on success, (None, messages) on failure. With `unchecked`, a failure of
+    field validators only still gives the instance, built without them, so that a caller can go on
+    collecting the problems of what the instance names (the recipe's components)."""
     try:
         return converter.structure(data, cls), []
     except Exception as exc:  # cattrs raises several exception families
-        return None, error_messages(exc, path)
+        first = error_messages(exc, path)
+    # attrs stops at the first field whose validator fails, and cattrs can only address that
+    # error to the class (`@ $.train`). Structured again without validators, the instance is
+    # checked field by field: every bad value, each at its own path (`@ $.train.ema`).
+    try:
+        with attrs.validators.disabled():
+            instance = converter.structure(data, cls)
+    except Exception:  # a type error, or a cross-field check of a class: keep the first report
+        return None, first
+    problems = check_fields(instance, path)
+    return (instance if unchecked and problems else None), problems or first
+
+
+def check_fields(obj: Any, path: str) -> list[str]:
+    """Every failing field validator in `obj` and the attrs instances it holds, as
+    'message @ $.path.field' lines."""
+    problems: list[str] = []
+    if attrs.has(type(obj)):
+        for field in attrs.fields(type(obj)):
+            value, at = getattr(obj, field.name), f"{path}.{field.name}"
+            if field.validator is not None:
+                try:
+                    field.validator(obj, field, value)
+                except (ValueError, TypeError) as exc:
+                    problems.append(f"{_format(exc, field.type)} @ {at}")
+                    continue
+            problems += check_fields(value, at)
+    elif isinstance(obj, tuple):
+        for i, item in enumerate(obj):
+            problems += check_fields(item, f"{path}[{i}]")
+    return problems
 
 
 def unstructure(obj: Any) -> Any:

@@ -129,6 +129,27 @@ class PuzzleIO(Protocol):
 
 
 @runtime_checkable
+class AnswerCheckingTask(Protocol):
+    """A task that can tell whether an answer solves its question (`dis predict`'s `valid`)."""
+
+    def check_answers(self, inputs: np.ndarray, answers: np.ndarray) -> np.ndarray:
+        """inputs, answers (K, L) int64 tokens -> (K,) bool: answer k is a valid solution of
+        question k (every rule of the puzzle kept, every given kept), not only the one label."""
+        ...
+
+
+@runtime_checkable
+class GivensCheckingTask(Protocol):
+    """A task whose questions can contradict themselves (`dis predict`'s `givens_consistent`)."""
+
+    def check_givens(self, inputs: np.ndarray) -> np.ndarray:
+        """inputs (K, L) int64 tokens -> (K,) bool: no two givens of question k break a rule of
+        the puzzle (two given queens attacking, a digit given twice in a unit). True does not
+        promise a solution exists."""
+        ...
+
+
+@runtime_checkable
 class RenderableTask(Protocol):
     """A task that draws its grids for trajectory pictures (else a token-colour grid)."""
 

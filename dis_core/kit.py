@@ -8,7 +8,13 @@ rollout and every evaluator on it. One `Row` per component; nothing is trained p
 
 `show_examples` prints examples with the target path their generator gives them, as grids
 (`spec.grid_shape`) or rows of tokens, marking the cells each frame changes: what an author of a
-plan file (docs/plan_format.md) or of a generator needs to see.
+plan file (docs/plan_format.md) or of a generator needs to see. Cells read as the task draws them
+(the `text` of its `render_grid`: queens, digits), else as token ids.
+
+Both choose their examples as trajectory pictures do (`dis_core.selection.Choice`, `--examples`),
+by default `hardest`: those with the most cells of the question to change, so that a target path
+has steps to show (the first examples of a split can be one puzzle's augmented copies with a single
+cell to fill, whose path is flat).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from dis_core import testing
 from dis_core.checks import Boundary, Who, check_metrics
 from dis_core.data import fetch
 from dis_core.diagnostics import hamming_to_labels, target_report
-from dis_core.errors import DisError
-from dis_core.interfaces import IGNORE, EvalRecord
+from dis_core.errors import DisError, UserError
+from dis_core.interfaces import IGNORE, EvalRecord, RenderableTask
+from dis_core.selection import Choice, pick
 
 
 @attrs.frozen
@@ -74,12 +81,36 @@ def tiny(resolved, batch_size: int = 4):
     return attrs.evolve(resolved, recipe=attrs.evolve(resolved.recipe, train=train))
 
 
-def check_recipe(resolved, registry, *, data_dir: Path = Path("data"), batch_size: int = 4) -> list[Row]:
-    """Build the recipe and run every component once on a tiny batch; one Row per component."""
+def choice(examples, command: str) -> Choice:
+    """`--examples` for `dis show` and `dis check` (default `hardest`); `failures` needs a model."""
+    chosen = Choice.parse(examples, default="hardest")
+    if chosen.how == "failures":
+        raise UserError(f"--examples failures: dis {command} runs no trained model, so nothing fails yet; pictures of a "
+                        f"trained model's failures: dis eval RUN_DIR --trajectories N --examples failures")
+    return chosen
+
+
+def _spelled(chosen: Choice) -> str:
+    """The choice as `--examples` takes it."""
+    if chosen.how == "ids":
+        return "ids:" + ",".join(map(str, chosen.ids))
+    return chosen.how + (f":{chosen.seed}" if chosen.seed else "")
+
+
+def _positive(value: int, flag: str) -> None:
+    if value < 1:
+        raise UserError(f"{flag} {value}: must be a positive number of examples")
+
+
+def check_recipe(resolved, registry, *, data_dir: Path = Path("data"), batch_size: int = 4, examples=None) -> list[Row]:
+    """Build the recipe and run every component once on a tiny batch; one Row per component.
+    `examples` chooses the training examples of the target check (see `choice`)."""
     from dis_core.rundir import release_lock
     from dis_core.supervision import rollout
     from dis_core.trainer import Trainer
 
+    _positive(batch_size, "--batch")
+    chosen = choice(examples, "check")
     resolved = tiny(resolved, batch_size)
     recipe = resolved.recipe
     n_sup, seed = recipe.supervision.n_sup, recipe.train.seed
@@ -104,9 +135,21 @@ def check_recipe(resolved, registry, *, data_dir: Path = Path("data"), batch_siz
         ok: dict[str, bool] = {}
         state: dict = {}
 
+        if chosen.how == "ids":  # an id beyond the split is the user's mistake (exit 2), not a failing task
+            try:
+                train_set = task.dataset("train")
+                len(train_set)
+            except Exception:  # the task check below reports it
+                train_set = None
+            if train_set is not None:
+                pick(train_set, batch_size, chosen)
+
         def task_check() -> str:
             train, test = task.dataset("train"), task.dataset("test")
-            state["train"] = fetch(train, np.arange(min(len(train), batch_size)), check=boundary.batch)
+            # The first batch first: a broken `get` is reported on a batch of `batch_size`.
+            first = fetch(train, np.arange(min(len(train), batch_size)), check=boundary.batch)
+            state["train"] = first if chosen.how == "first" else fetch(train, pick(train, batch_size, chosen, check=boundary.batch),
+                                                                        check=boundary.batch)
             state["test"] = fetch(test, np.arange(min(len(test), batch_size)), check=boundary.batch)
             testing.check_task(task, n_sup=n_sup)
             return f"{len(train)} train / {len(test)} test examples, seq_len {spec.seq_len}, vocab_size {spec.vocab_size}"
@@ -117,7 +160,8 @@ def check_recipe(resolved, registry, *, data_dir: Path = Path("data"), batch_siz
             testing.check_target_generator(comp.targets, task, n_sup=n_sup, final_is_labels=False)
             report = target_report(frames, batch["labels"])
             path = " ".join(f"{report[f'hamming@{s}']:.3g}" for s in range(1, n_sup + 1))
-            note = f"distance to y* by step: {path}"
+            ids = ", ".join(map(str, batch["example_ids"].tolist()))
+            note = f"distance to y* by step: {path} (train examples {ids}; --examples {_spelled(chosen)})"
             if report["final_distance"] > 0:
                 note += "; warning: the last frame is not y* (see 'dis show')"
             return note
@@ -197,31 +241,52 @@ def format_rows(rows: list[Row]) -> str:
 # ------------------------------------------------------------------------------ dis show
 
 
-def _cells(values: np.ndarray, changed: np.ndarray, width: int) -> list[str]:
-    """One string per cell: the token right-aligned (IGNORE as '.'), then '*' when changed."""
-    out = []
-    for v, c in zip(values.tolist(), changed.tolist()):
-        out.append(("." if v == IGNORE else str(v)).rjust(width) + ("*" if c else " "))
-    return out
+def _shown(values: np.ndarray, text: list[str] | None = None) -> list[str]:
+    """One string per cell: the task's `text` for it, else the token id; IGNORE as '.'."""
+    return ["." if v == IGNORE else text[k] if text is not None else str(v) for k, v in enumerate(values.tolist())]
 
 
-def render_example(inputs: np.ndarray, frames: np.ndarray, labels: np.ndarray, grid_shape, *, width: int = 100) -> list[str]:
+def _cells(shown: list[str], changed: np.ndarray, width: int) -> list[str]:
+    """Each cell right-aligned, then '*' when changed."""
+    return [v.rjust(width) + ("*" if c else " ") for v, c in zip(shown, changed.tolist())]
+
+
+def cell_text(task, tokens: np.ndarray, question: np.ndarray | None) -> list[str] | None:
+    """The task's own text for each cell (its `render_grid`'s `text`; an empty cell as '·'), or
+    None when it draws no text for every cell (colours only, a larger canvas)."""
+    if not isinstance(task, RenderableTask):
+        return None
+    tokens = np.asarray(tokens)
+    drawn = task.render_grid(np.where(tokens == IGNORE, task.spec.pad_id, tokens), question)
+    text = drawn.get("text") if isinstance(drawn, dict) else None
+    if text is None:
+        return None
+    flat = np.asarray(text, dtype=object).reshape(-1)
+    if len(flat) != len(tokens):
+        return None
+    return [str(t) if t else "\u00b7" for t in flat.tolist()]
+
+
+def render_example(inputs: np.ndarray, frames: np.ndarray, labels: np.ndarray, grid_shape, *, width: int = 100,
+                   text=None) -> list[str]:
     """Lines showing x, every frame and y*: side-by-side grids when `grid_shape` is set, else one
-    row of tokens per frame. A `*` follows each cell that differs from the panel before it."""
+    row of tokens per frame. A `*` follows each cell that differs from the panel before it.
+    `text(tokens)`: the task's strings for the cells (`cell_text`), else token ids."""
     panels = [("x", inputs, np.zeros_like(inputs, dtype=bool))]
     prev = inputs
     for s, frame in enumerate(frames, start=1):
         panels.append((f"step {s}", frame, frame != prev))
         prev = frame
     panels.append(("y*", labels, labels != prev))
-    w = max(len("." if v == IGNORE else str(v)) for _, vals, _ in panels for v in vals.tolist())
+    shown = [_shown(vals, text(vals) if text is not None else None) for _, vals, _ in panels]
+    w = max(len(v) for cells in shown for v in cells)
     if grid_shape is None:
         label_w = max(len(p[0]) for p in panels)
-        return [(f"{name.ljust(label_w)}  " + "".join(_cells(vals, ch, w))).rstrip() for name, vals, ch in panels]
+        return [(f"{name.ljust(label_w)}  " + "".join(_cells(cells, ch, w))).rstrip() for (name, _, ch), cells in zip(panels, shown)]
     rows, cols = grid_shape
     blocks = []
-    for name, vals, ch in panels:
-        cells = _cells(vals, ch, w)
+    for (name, _, ch), strings in zip(panels, shown):
+        cells = _cells(strings, ch, w)
         grid = ["".join(cells[r * cols:(r + 1) * cols]) for r in range(rows)]
         pw = max(len(name), len(grid[0]))
         blocks.append([name.ljust(pw)] + [g.ljust(pw) for g in grid])
@@ -240,27 +305,33 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def show_examples(resolved, registry, *, data_dir: Path = Path("data"), examples: int = 3, split: str = "train",
+def show_examples(resolved, registry, *, data_dir: Path = Path("data"), examples=None, count: int = 3, split: str = "train",
                   width: int = 100) -> str:
-    """The first `examples` examples of `split` with the target path the recipe's generator gives
-    them (its random draws seeded with train.seed, as the run's targets report)."""
+    """`count` examples of `split`, chosen by `examples` (see `choice`; a number is a count, as
+    `dis show --examples N` always took), with the target path the recipe's generator gives them
+    (its random draws seeded with train.seed, as the run's targets report)."""
     from dis_core.build import build_components
 
+    if isinstance(examples, int) or (isinstance(examples, str) and examples.strip().isdigit()):
+        count, examples = int(examples), None
+    _positive(count, "--count")
+    chosen = choice(examples, "show")
     recipe = resolved.recipe
     comp = build_components(resolved, registry, data_dir)
     boundary = Boundary.of(comp, registry)
-    spec, n_sup = comp.task.spec, recipe.supervision.n_sup
-    ds = comp.task.dataset(split)
-    idx = np.arange(min(examples, len(ds)))
+    task, spec, n_sup = comp.task, comp.task.spec, recipe.supervision.n_sup
+    ds = task.dataset(split)
+    idx = pick(ds, count, chosen, check=boundary.batch)
     batch = fetch(ds, idx, check=boundary.batch)
     frames = boundary.frames(comp.targets(batch, n_sup, torch.Generator().manual_seed(recipe.train.seed)), batch)
     distance = hamming_to_labels(frames, batch["labels"])  # (B, N)
     grid = spec.grid_shape
+    drawn = cell_text(task, batch["inputs"][0].numpy(), None) is not None if len(idx) else False
     lines = [
-        f"# {resolved.source}: {_count(len(idx), split + ' example')}; the target path of {boundary.frames.who} over "
-        f"n_sup = {n_sup} steps (its random draws seeded with train.seed)",
-        f"# {'grids of ' + 'x'.join(map(str, grid)) if grid else 'rows of ' + str(spec.seq_len) + ' tokens'}; "
-        f"'*' marks a cell changed since the panel before it, '.' an unsupervised cell (IGNORE)",
+        f"# {resolved.source}: {_count(len(idx), split + ' example')} {chosen.describe()}; the target path of "
+        f"{boundary.frames.who} over n_sup = {n_sup} steps (its random draws seeded with train.seed)",
+        f"# {'grids of ' + 'x'.join(map(str, grid)) if grid else 'rows of ' + str(spec.seq_len)}"
+        f"{' cells as the task draws them (' + chr(0xB7) + ' empty)' if drawn else ' token ids'}; '*' marks a cell changed since the panel before it, '.' an unsupervised cell (IGNORE)",
     ]
     for b in range(len(idx)):
         x, y, f = (t[b].cpu().numpy() for t in (batch["inputs"], batch["labels"], frames))
@@ -269,5 +340,6 @@ def show_examples(resolved, registry, *, data_dir: Path = Path("data"), examples
         monotone = "monotone" if all(b2 <= a for a, b2 in zip(d, d[1:])) else "NOT monotone"
         lines += ["", f"example_id {int(batch['example_ids'][b])} (puzzle_id {int(batch['puzzle_ids'][b])}): "
                       f"{_count(differ, 'cell')} of x differ from y*; distance to y* by step {' '.join(map(str, d))} ({monotone})"]
-        lines += render_example(x, f, y, grid, width=width)
+        text = (lambda tokens, x=x: cell_text(task, tokens, x)) if drawn else None
+        lines += render_example(x, f, y, grid, width=width, text=text)
     return "\n".join(lines)

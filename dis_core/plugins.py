@@ -22,7 +22,7 @@ import pluggy
 import structlog
 
 from dis_core import hookspecs
-from dis_core.errors import PluginError, UserError
+from dis_core.errors import DisError, PluginError, UserError
 from dis_core.registry import COMMAND_LINE, Registry
 from dis_core.slots import SLOTS, Slot
 
@@ -153,7 +153,29 @@ def make_plugin_manager(*, load_entry_points: bool = True, extra_plugins: tuple 
 
 
 def load_registry(*, extra_plugins: tuple = (), load_entry_points: bool = True, slots: tuple[Slot, ...] = SLOTS):
-    return Registry.collect(make_plugin_manager(load_entry_points=load_entry_points, extra_plugins=extra_plugins, slots=slots))
+    """Every plugin's registration hooks called into a fresh registry. A `--plugin` module whose
+    hook raises is a `PluginError` naming the flag, the file, the hook and the exception (it was
+    asked for by name, so it is not skipped as an installed plugin would be)."""
+    pm = make_plugin_manager(load_entry_points=load_entry_points, extra_plugins=extra_plugins, slots=slots)
+    failed: list[tuple[object, str]] = []  # (--plugin module, hook) of the hook calls that raised
+
+    def after(outcome, hook_name, impls, _kwargs):
+        if outcome.exception is not None:  # Registry.collect calls one plugin's hook at a time
+            failed.extend((impl.plugin, hook_name) for impl in impls if getattr(impl.plugin, COMMAND_LINE, None) is not None)
+
+    undo = pm.add_hookcall_monitoring(lambda *_: None, after)
+    try:
+        return Registry.collect(pm)
+    except DisError:
+        raise  # already names what is wrong (a bad registration, a duplicate name)
+    except Exception as exc:
+        if not failed:
+            raise  # a plugin registered in code (tests): its traceback is the most useful report
+        module, hook = failed[-1]
+        raise PluginError(f"--plugin {getattr(module, COMMAND_LINE)}: its hook {hook} "
+                          f"({getattr(module, '__file__', None) or module.__name__}) raised {_describe(exc)}") from exc
+    finally:
+        undo()
 
 
 def load_plugin_modules(values: Iterable[str]) -> tuple[ModuleType, ...]:

@@ -5,7 +5,9 @@ Loading runs in three passes, each collecting every problem before raising one `
   2. structure the result into the frozen `Recipe` classes below, with one `ComponentSpec`
      field per component slot (`dis_core.slots`: `[task]`, `[[evaluators]]`, `[train.optimizer]`);
   3. look up each component's name in the registry and structure its `config` table into
-     that component's own config class, making its relative paths absolute.
+     that component's own config class, making its relative paths absolute; then check what a
+     run would refuse at its start (the batch split, the `[deepspeed]` table: `dis_core.engine`).
+A value out of its range in pass 2 (`train.ema = 2.0`) does not stop pass 3; a type error does.
 The result, `ResolvedRecipe`, is what the trainer builds from and what every run saves.
 
 One path rule: a relative path in a recipe (a `Path` field of a config class, and `extends`) is
@@ -26,6 +28,7 @@ import attrs
 from dis_core.config import structure, unstructure
 from dis_core.errors import RecipeError, UnknownComponentError
 from dis_core.slots import SLOTS, Slot, parts, value_at
+from dis_core.validators import finite, in_range, non_negative, positive, probability
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,39 +46,32 @@ class ComponentSpec:
 
 @attrs.frozen(kw_only=True)
 class Schedule:
-    warmup_steps: int = 0  # linear warm-up from lr/warmup (the reference's first step) to lr
+    warmup_steps: int = attrs.field(default=0, validator=non_negative)  # linear warm-up from lr/warmup (the reference's first step) to lr
     decay: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 1.0  # cosine floor as a fraction of lr; 1.0 == constant (the reference default)
+    min_lr_ratio: float = attrs.field(default=1.0, validator=probability)  # cosine floor as a fraction of lr; 1.0 == constant (the reference default)
 
 
-def _positive(_inst, attr, value):
-    if value is not None and value <= 0:
-        raise ValueError(f"{attr.name} must be > 0, got {value}")
-
-
-def _non_negative(_inst, attr, value):
-    if value < 0:
-        raise ValueError(f"{attr.name} must be >= 0, got {value}")
+MAX_SEED = 2**32 - 1  # the trainer derives generator seeds from it (seed * 1_000_003 + rank must fit 64 bits)
 
 
 @attrs.frozen(kw_only=True)
 class Train:
-    seed: int = 0
-    global_batch_size: int = attrs.field(validator=_positive)  # examples per optimizer step, all ranks together
-    steps: int | None = attrs.field(default=None, validator=_positive)  # optimizer (= supervision) steps
-    epochs: float | None = attrs.field(default=None, validator=_positive)  # or: passes over the train split
-    eval_interval: int = attrs.field(default=0, validator=_non_negative)  # optimizer steps between evaluations; 0 = only at the end
-    checkpoint_interval: int = attrs.field(default=0, validator=_non_negative)  # optimizer steps between checkpoints; 0 = only at the end
+    seed: int = attrs.field(default=0, validator=in_range(0, MAX_SEED))
+    global_batch_size: int = attrs.field(validator=positive)  # examples per optimizer step, all ranks together
+    steps: int | None = attrs.field(default=None, validator=positive)  # optimizer (= supervision) steps
+    epochs: float | None = attrs.field(default=None, validator=positive)  # or: passes over the train split
+    eval_interval: int = attrs.field(default=0, validator=non_negative)  # optimizer steps between evaluations; 0 = only at the end
+    checkpoint_interval: int = attrs.field(default=0, validator=non_negative)  # optimizer steps between checkpoints; 0 = only at the end
     # Retention: keep the newest N complete checkpoints (0 = all), plus, with keep_best, the one
     # whose evaluation at the same step scored best on that metric (e.g. "arc/pass@2"): an
     # arc1_compact checkpoint is ~2 GB, and the final one is not always the best (TRM issue #26).
-    keep_checkpoints: int = attrs.field(default=3, validator=_non_negative)
+    keep_checkpoints: int = attrs.field(default=3, validator=non_negative)
     keep_best: str | None = None
     keep_best_mode: Literal["max", "min"] = "max"
-    eval_batch_size: int | None = attrs.field(default=None, validator=_positive)  # default: global_batch_size
-    eval_limit: int | None = attrs.field(default=None, validator=_positive)  # evaluate only the first K test examples
-    eval_trajectories: int = attrs.field(default=0, validator=_non_negative)  # pictures of the first N test examples per evaluation
-    log_interval: int = attrs.field(default=10, validator=_positive)
+    eval_batch_size: int | None = attrs.field(default=None, validator=positive)  # default: global_batch_size
+    eval_limit: int | None = attrs.field(default=None, validator=positive)  # evaluate only the first K test examples
+    eval_trajectories: int = attrs.field(default=0, validator=non_negative)  # pictures of N test examples per evaluation (the same random ones each time)
+    log_interval: int = attrs.field(default=10, validator=positive)
     # Training order: "groups" is the reference TRM/DIS one (per pass one random variant of each
     # puzzle, its examples together), "examples" shuffles single examples; "auto" = groups when the
     # task's training split declares them (ARC does), else examples. See dis_core/data.py.
@@ -83,7 +79,7 @@ class Train:
     # Slots each process runs per forward/backward; the rest of its share of the global batch is
     # gradient accumulation (DeepSpeed's gradient_accumulation_steps). None = all of its share.
     # Changes memory, not the training: the carry, refills and halting are those of the whole batch.
-    micro_batch_size: int | None = attrs.field(default=None, validator=_positive)
+    micro_batch_size: int | None = attrs.field(default=None, validator=positive)
     # bf16 = autocast over fp32 weights, optimizer and float64 loss. auto: bf16 on CUDA, fp32 on
     # CPUs, so that a recipe trains alike on every CPU (bf16 is the faster choice on CPUs with
     # AVX512-BF16/AMX: docs/results/precision_cpu.md).
@@ -92,16 +88,16 @@ class Train:
     # kernels), so fp32 runs are no longer bit-identical to the reference, and compiling takes
     # tens of seconds per shape. Pays most in bf16 on a CPU (docs/results/throughput_cpu.md).
     compile: bool = False
-    threads: int | None = attrs.field(default=None, validator=_positive)  # torch intra-op threads on CPU
-    grad_clip: float = 0.0  # 0 = off (the reference does not clip)
+    threads: int | None = attrs.field(default=None, validator=positive)  # torch intra-op threads on CPU
+    grad_clip: float = attrs.field(default=0.0, validator=non_negative)  # 0 = off (the reference does not clip)
     # A non-finite loss or gradient norm: "stop" the run (exit status 3, the newest checkpoint is
     # the last good one) or "skip" the update and its batch (see dis_core/guards.py).
     on_nonfinite: Literal["stop", "skip"] = "stop"
     # Sparse puzzle-embedding table (used when the backbone has puzzle_emb_ndim > 0): sign-SGD with
     # decoupled weight decay at its own learning rate, on the same warm-up schedule.
-    puzzle_emb_lr: float = 1e-2
-    puzzle_emb_weight_decay: float = 0.1
-    ema: float = 0.0  # EMA decay of the weights used for evaluation and checkpoints; 0 = off (TRM: 0.999)
+    puzzle_emb_lr: float = attrs.field(default=1e-2, validator=non_negative)
+    puzzle_emb_weight_decay: float = attrs.field(default=0.1, validator=non_negative)
+    ema: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0, high_open=True))  # EMA decay of the weights used for evaluation and checkpoints; 0 = off (TRM: 0.999)
     schedule: Schedule = attrs.field(factory=Schedule)
     # [train.optimizer] is a component slot: see recipe_class.
 
@@ -112,11 +108,14 @@ class Train:
 
 @attrs.frozen(kw_only=True)
 class Supervision:
-    n_sup: int = attrs.field(default=6, validator=_positive)  # supervision steps per example (DIS 6, TRM max 16)
+    n_sup: int = attrs.field(default=6, validator=positive)  # supervision steps per example (DIS 6, TRM max 16)
     # Per-step loss weights: uniform as the official DIS code; linear (w_s ∝ s, mean 1) as the paper.
     step_weights: Literal["uniform", "linear"] = "uniform"
-    # Token input after the first step: the model's previous argmax (official code) or x again.
-    step_input: Literal["prediction", "question"] = "prediction"
+    # Token input after the first step: the model's previous argmax (official DIS) or x again
+    # (official TRM and HRM). Unset, it follows the targets: "question" for `final` targets,
+    # "prediction" for per-step ones, so a TRM baseline never feeds itself its own answers
+    # (resolve fills it in; the resolved recipe always holds the value used).
+    step_input: Literal["prediction", "question"] | None = None
     loss: Literal["stablemax", "softmax"] = "stablemax"
 
 
@@ -126,7 +125,7 @@ class Eval:
 
     # Guidance scales w (paper Eq. 5) to score in the same evaluation pass, each as a metric set
     # `<evaluator>/<metric>@w=<w>`; every w != 1 costs one more rollout. () = none.
-    guidance: tuple[float, ...] = ()
+    guidance: tuple[float, ...] = attrs.field(default=(), validator=finite)  # NaN would make summary.json invalid JSON
     # l_u, the readout "before the reasoning": y as the step received it ("step") or just before
     # the step's last y-update ("cycle"); the same when T = 1 (docs/concepts.md).
     readout: Literal["step", "cycle"] = "step"
@@ -268,6 +267,7 @@ def load_raw(path: str | Path) -> dict[str, Any]:
 
 
 Origins = dict[tuple, Path]  # key path of a value -> directory its relative paths start from
+MAX_EXTENDS = 32  # recipes in one `extends` chain, the recipe itself included
 
 
 def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], Origins]:
@@ -275,7 +275,10 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], Ori
     resolved = path.resolve()
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
-        raise RecipeError([f"extends forms a cycle: {chain}"], source=str(path))
+        raise RecipeError([f"extends forms a cycle: {chain}"], source=str(seen[0]))
+    if len(seen) >= MAX_EXTENDS:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise RecipeError([f"the extends chain is longer than {MAX_EXTENDS} recipes: {chain} -> ..."], source=str(seen[0]))
     data = read_toml(path)
     parent = data.pop("extends", None)
     origins = _leaves(data, path.parent.absolute())
@@ -358,9 +361,12 @@ def resolve(data: dict[str, Any], registry, source: str = "<recipe>", *,
     """Passes 2 and 3. Relative paths in component configs become absolute: against the
     directory `origins` gives for the value, else `base_dir` (default: the current directory)."""
     slots = getattr(registry, "slots", SLOTS)
-    recipe, problems = structure(data, recipe_class(slots), "$")
+    # A bad value of the recipe's own fields (`train.ema = 2.0`) still lets pass 3 run, so that
+    # the components' problems are reported with it.
+    recipe, problems = structure(data, recipe_class(slots), "$", unchecked=True)
     if recipe is None:
         raise RecipeError(problems, source=source)
+    batch_ok = not any(p.endswith(("@ $.train.global_batch_size", "@ $.train.micro_batch_size")) for p in problems)
 
     base_dir = Path.cwd() if base_dir is None else base_dir
     configs: dict[str, Any] = {}
@@ -379,9 +385,30 @@ def resolve(data: dict[str, Any], registry, source: str = "<recipe>", *,
             problems += errs
             if cfg is not None:
                 configs[path] = _absolute_paths(cfg, (*parts(path), "config"), base_dir, origins or {})
+    if batch_ok:  # the batch split needs a sound batch
+        problems += _run_problems(recipe)
     if problems:
         raise RecipeError(problems, source=source)
-    return ResolvedRecipe(recipe, configs, source, slots)
+    return ResolvedRecipe(_default_step_input(recipe), configs, source, slots)
+
+
+def _default_step_input(recipe):
+    """`supervision.step_input` by the method when the recipe leaves it unset."""
+    sup = recipe.supervision
+    if sup.step_input is not None:
+        return recipe
+    chosen = "question" if value_at(recipe, "targets").name == "final" else "prediction"
+    return attrs.evolve(recipe, supervision=attrs.evolve(sup, step_input=chosen))
+
+
+def _run_problems(recipe) -> list[str]:
+    """What a run would refuse at its start, beyond each table's own fields: the batch split over
+    the launcher's processes and the `[deepspeed]` table (the rules live in `dis_core.engine`)."""
+    from dis_core.engine import deepspeed_problems  # imports torch, loaded by the plugins already
+
+    train = recipe.train
+    return deepspeed_problems(recipe.deepspeed, global_batch=train.global_batch_size,
+                              micro_batch=train.micro_batch_size, grad_clip=train.grad_clip)
 
 
 def _absolute_paths(obj: Any, at: tuple, base: Path, origins: Origins) -> Any:

@@ -11,6 +11,9 @@
 One run at a time: rank 0 holds an exclusive `flock` on `<run>/.lock` from start-up to exit (the
 kernel releases it when the process dies, however it dies), so a second run into the same
 directory stops at once with exit status 2, naming the holder.
+
+Nothing the user wrote is overwritten: a run directory is new, empty, or a dis run (it holds
+dis's run.json, metrics or checkpoints); anything else is refused, naming what it holds.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -36,13 +40,46 @@ _held: dict[Path, int] = {}  # resolved run directory -> fd of its lock file, he
 
 
 def default_out(recipe_path: str | Path) -> Path:
-    return Path("runs") / f"{Path(recipe_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """`runs/<stem>-<date>-<time>`, with `-2`, `-3` ... when a run of that name started in the same second."""
+    base = Path("runs") / f"{Path(recipe_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def latest_run(recipe_path: str | Path) -> Path | None:
-    stem = Path(recipe_path).stem
-    runs = sorted(p for p in Path("runs").glob(f"{stem}-*") if p.is_dir()) if Path("runs").is_dir() else []
-    return runs[-1] if runs else None
+    """The newest `runs/<stem>-<date>-<time>[-n]` started from this recipe file. Names alone
+    would also match `runs/<stem>-copy-...` (another recipe) or a same-named recipe elsewhere, so
+    the recipe file recorded in run.json must be this one, however either path was typed."""
+    name = re.compile(re.escape(Path(recipe_path).stem) + r"-(\d{8}-\d{6})(?:-(\d+))?")
+    found = [(m, p) for p in Path("runs").iterdir() if (m := name.fullmatch(p.name)) and p.is_dir()] if Path("runs").is_dir() else []
+    runs = [p for _, p in sorted(found, key=lambda mp: (mp[0].group(1), int(mp[0].group(2) or 1)))]
+    mine = Path(recipe_path).resolve()
+    for run in reversed(runs):
+        recorded = recorded_recipe(run)
+        # No run.json: killed while building; only its name is known, and it is this recipe's.
+        if recorded is None or Path(recorded).resolve() == mine:
+            return run
+    return None
+
+
+def recorded_recipe(run: Path) -> str | None:
+    """The recipe file a run was started from, as run.json records it (an absolute path since
+    `recipe_path` exists; before that, as typed, relative to where runs/ is)."""
+    info = _read_json(Path(run) / "run.json")
+    if not isinstance(info, dict):
+        return None
+    recorded = info.get("recipe_path") or info.get("recipe_source")
+    return recorded if isinstance(recorded, str) else None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -84,7 +121,9 @@ def acquire_lock(path: Path, command: str = "") -> None:
         log.warning("cannot lock the run directory; make sure no other run uses it", path=str(path), reason=exc.strerror)
     command = command or " ".join(sys.argv)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({command})\n".encode(), 0)
+    # A path that is not UTF-8 (a byte the file system allows) reaches here as a surrogate escape.
+    line = f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} ({command})\n"
+    os.pwrite(fd, line.encode("utf-8", "backslashreplace"), 0)
     _held[key] = fd
 
 
@@ -104,19 +143,23 @@ def _why(exc: OSError) -> str:
 
 
 def open_run_dir(path: Path, *, resume: bool, is_main: bool = True, command: str = "") -> None:
-    """Create and lock the run directory, and check it may be (re)used: a fresh run refuses a
-    directory holding any earlier run's rows or checkpoints (nothing is overwritten or mixed);
-    `--resume` needs one. Called before anything is built."""
+    """Create and lock the run directory, and check it may be (re)used: a directory holding
+    files dis did not write is refused (before anything is written into it); a fresh run refuses
+    a directory holding any earlier run's rows or checkpoints (nothing is overwritten or mixed);
+    `--resume` continues one, or starts it again when it has no checkpoint. Called before
+    anything is built."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"--out {path} is an existing file, not a directory; pass a directory path")
     if resume and not path.is_dir():
         raise RunDirError(f"--resume: there is no run directory {path}")
+    _check_foreign(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirError(f"cannot create the run directory {path}: {_why(exc)}") from None
     if is_main:
+        _check_writable(path, resume)
         acquire_lock(path, command)
     try:
         _check_reuse(path, resume)
@@ -126,22 +169,78 @@ def open_run_dir(path: Path, *, resume: bool, is_main: bool = True, command: str
         raise
 
 
+def _has_checkpoint(path: Path) -> bool:
+    ckpts = Path(path) / "checkpoints"
+    return ckpts.is_dir() and any(p.name == "latest" or p.name.startswith("step_") for p in ckpts.iterdir())
+
+
+def is_run(path: Path) -> bool:
+    """Whether `path` holds a dis run: dis's run.json, metrics or summary, or a checkpoint."""
+    path = Path(path)
+    info = _read_json(path / "run.json")
+    written_by_dis = isinstance(info, dict) and "recipe" in info and "versions" in info
+    return written_by_dis or (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file() or _has_checkpoint(path)
+
+
+def _leftover(entry: Path) -> bool:
+    """What a run that ended before writing anything leaves: its lock file, an empty
+    checkpoints/ or eval/ folder, a temporary file of an interrupted write."""
+    if entry.name == LOCK_FILE or re.fullmatch(r"\..+\.tmp\d+", entry.name):
+        return True
+    return entry.name in ("checkpoints", "eval") and entry.is_dir() and not any(entry.iterdir())
+
+
+def _check_foreign(path: Path) -> None:
+    """Refuse a directory that is neither empty (leftovers aside) nor a dis run: dis would write
+    its recipe.toml, run.json and metrics over or among the user's own files (a hand-written
+    recipe.toml, say)."""
+    if not path.is_dir() or is_run(path):
+        return
+    try:
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir() if not _leftover(p))
+    except OSError as exc:
+        raise RunDirError(f"cannot read the run directory {path}: {_why(exc)}") from None
+    if held:
+        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise RunDirError(
+            f"--out {path} holds files that are not a dis run ({shown}); dis writes only into a new or empty "
+            f"directory or an earlier run's, so that nothing of yours is overwritten. Pass another --out, "
+            f"e.g. {path / 'run'}"
+        )
+
+
+def _check_writable(path: Path, resume: bool) -> None:
+    """Before anything is built: the places a run (re)writes must be writable, or a resumed run
+    would train until its first checkpoint and only then fail."""
+    places = [path, path / "checkpoints", path / "metrics.jsonl"]
+    for place in places:
+        if place.exists() and not os.access(place, os.W_OK | (os.X_OK if place.is_dir() else 0)):
+            todo = (f"make it writable (chmod -R u+w {path}) to resume the run" if resume
+                    else "choose a directory you can write to with --out")
+            why = "read-only file system" if _read_only_fs(place) else "permission denied"
+            raise RunDirError(f"cannot write to {place}: {why}; {todo}")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _check_reuse(path: Path, resume: bool) -> None:
     run = RunDir(path)
-    has_checkpoint = run.checkpoints.is_dir() and any(
-        p.name == "latest" or p.name.startswith("step_") for p in run.checkpoints.iterdir()
-    )
     if resume:
-        return  # the trainer finds (or refuses) the checkpoint, the CLI compares the recipe
-    if has_checkpoint:
+        return  # the trainer finds the checkpoint (or starts again without one), the CLI compares the recipe
+    if _has_checkpoint(path):
         raise RunDirError(f"{path} already holds a run; pass --resume to continue it, or --out for a new directory")
     rows, bad = run.read_metrics()
     if rows or bad or (path / "summary.json").exists():
         held = f"metrics up to step {max(r['step'] for r in rows)}" if rows else "a metrics.jsonl or summary.json"
         raise RunDirError(
             f"{path} holds the files of an earlier run that stopped before its first checkpoint "
-            f"({held}), so there is nothing to resume and starting over would mix "
-            f"its rows with the new ones. Delete the directory (rm -r {path}) or pass another --out"
+            f"({held}); starting over here would mix its rows with the new ones. Pass --resume to start it "
+            f"again from step 0 in place (its rows are dropped), or another --out"
         )
 
 
@@ -215,16 +314,17 @@ class RunDir:
                 bad.append(number)
         return rows, bad
 
-    def truncate_metrics(self, step: int) -> None:
+    def truncate_metrics(self, step: int) -> int:
         """On resume: drop rows logged after the checkpoint (and a torn line a kill left), so the
-        log reads like an unbroken run."""
+        log reads like an unbroken run. Returns the number of rows dropped."""
         if not self.is_main or not self.metrics_file.exists():
-            return
+            return 0
         rows, bad = self.read_metrics()
         if bad:
             log.warning("dropped unreadable metrics rows (torn by a kill)", file=str(self.metrics_file), lines=bad)
         keep = [row for row in rows if row["step"] <= step]
         atomic_write(self.metrics_file, "".join(json.dumps(row) + "\n" for row in keep))
+        return len(rows) - len(keep)
 
     def eval_row(self, step: int) -> dict | None:
         """The last evaluation row logged at `step`, if any."""

@@ -11,8 +11,15 @@ from dis_core.checks import Boundary
 from dis_core.data import fetch
 from dis_core.diagnostics import sample_indices, target_report
 from dis_core.plugins import installed_versions
+from dis_core.supervision import method
 
 log = structlog.get_logger()
+
+
+def recipe_method(resolved) -> dict:
+    """`supervision.method` of a resolved recipe, with its step input."""
+    r = resolved.recipe
+    return {**method(r.targets.name, r.supervision.step_input), "step_input": r.supervision.step_input}
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -69,5 +76,7 @@ def run_info(trainer, registry) -> dict:
         "targets_report": t.targets_report,
         # Each evaluator's headline metric, in recipe order (`dis compare` plots the first).
         "headline_metrics": [f"{name}/{ev.headline}" for name, ev in t.comp.evaluators.items()],
+        # TRM, DIS or neither, from the targets and the step input (and which of them was chosen).
+        "method": recipe_method(t.resolved),
         **static_figures(t.comp),
     }

@@ -38,6 +38,8 @@ class StepRule:
     @classmethod
     def of(cls, supervision) -> "StepRule":
         s = supervision
+        if s.step_input is None:  # filled in by recipe resolution from the targets
+            raise ValueError("supervision.step_input is unset: build the rule from a resolved recipe")
         return cls(n_sup=s.n_sup, step_weights=s.step_weights, step_input=s.step_input, loss=s.loss)
 
     def target(self, frames: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -55,6 +57,27 @@ class StepRule:
         if self.step_weights == "uniform":
             return torch.ones_like(step, dtype=torch.float32)
         return 2.0 * step.to(torch.float32) / (self.n_sup + 1)
+
+
+def method(targets: str, step_input: str) -> dict:
+    """Which official method a recipe's targets and step input reproduce: TRM/HRM (the final
+    answer as every step's target, the question at every step) or DIS (per-step targets, the
+    previous argmax fed back); anything else is neither, and `note` says why (`--dry-run`,
+    run.json, the run's log)."""
+    final = targets == "final"
+    if final and step_input == "question":
+        return {"method": "TRM", "note": None}
+    if not final and step_input == "prediction":
+        return {"method": "DIS", "note": None}
+    if final:
+        note = ("final targets with step_input = 'prediction' match neither official method: official TRM "
+                "and HRM feed the question at every step; leave supervision.step_input unset (or set it to "
+                "'question') for a TRM baseline")
+    else:
+        note = (f"per-step targets ({targets!r}) with step_input = 'question' match neither official method: "
+                "official DIS feeds the previous prediction; leave supervision.step_input unset (or set it "
+                "to 'prediction') for DIS")
+    return {"method": "neither", "note": note}
 
 
 def sequence_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

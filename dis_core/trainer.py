@@ -7,12 +7,19 @@ happen: (1) halted slots take the next examples of this rank's stream and their 
 then the puzzle table's sign-SGD step; (4) the halting strategy marks slots done. With `fixed`
 halting all slots halt together, so a batch runs its n_sup steps and is replaced whole; with
 `act` halted slots are replaced one by one (the reference carry semantics).
+
+SIGINT (Ctrl-C) and SIGTERM (what schedulers and `timeout` send before SIGKILL) stop training
+at the end of the step under way, after a checkpoint of it (`Interrupted`); a second one stops
+at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -31,11 +38,21 @@ from dis_core.metrics import is_per_step
 from dis_core.puzzle_embedding import PuzzleEmbedding
 from dis_core.recipe import ResolvedRecipe
 from dis_core.rundir import RunDir
-from dis_core.runinfo import check_targets, count_params, run_info
+from dis_core.runinfo import check_targets, count_params, recipe_method, run_info
 from dis_core.schedule import set_lr
 from dis_core.supervision import Carry, StepOut, StepRule, SupervisedStep, TrainStats
 
 log = structlog.get_logger()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training was stopped by a signal: `checkpoint` holds step `step`, or is None when a second
+    signal stopped it at once. A KeyboardInterrupt, so that whatever handles Ctrl-C handles it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
 
 
 class Trainer:
@@ -72,6 +89,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.resumed_from = None
         self.last_eval, self.last_eval_step = {}, None
+        self.stop_signal: int | None = None  # set by a SIGINT/SIGTERM received during fit()
         self.guard = guards.NonFiniteGuard(cfg.on_nonfinite, newest_checkpoint=lambda: training_state.newest(self))
         if resume:
             self._resume()
@@ -84,11 +102,9 @@ class Trainer:
             # No gradient ever reaches an unused Q-head, but DeepSpeed fills missing gradients
             # with zeros, so AdamW would decay it towards 0; the reference leaves it untouched.
             comp.backbone.q_head.requires_grad_(False)
-        if self.recipe.targets.name == "final" and self.rule.step_input == "prediction":
-            log.warning(
-                "final targets with step_input = 'prediction': official TRM and HRM feed the question "
-                "at every step; set supervision.step_input = 'question' for a TRM baseline"
-            )
+        note = recipe_method(self.resolved)["note"]
+        if note:  # neither TRM nor DIS: allowed (a study may want it), but never silently
+            log.warning(note)
         if cfg.compile:
             # In place (nn.Module.compile; a backbone may narrow it to its hot modules): parameter
             # names, checkpoints and EMA stay as they are, and the trainer's evaluations run
@@ -190,11 +206,17 @@ class Trainer:
     def fit(self, registry, *, stop_after: int | None = None) -> dict:
         """Train to the end (or, for tests simulating a kill, stop after `stop_after` steps of
         this session without the final evaluation/checkpoint). Returns the summary on rank 0."""
+        with self._stop_signals():
+            return self._fit(registry, stop_after)
+
+    def _fit(self, registry, stop_after: int | None) -> dict:
         cfg = self.train_cfg
         self.run.create()
-        self.run.write_recipe(self.resolved.to_dict())
         self.targets_report = check_targets(self.comp, self.train_set, self.recipe, self.boundary)
-        self.run.write_json("run.json", run_info(self, registry))
+        # recipe.toml right before run.json: a recipe.toml without dis's run.json beside it is
+        # taken for the user's own (rundir.is_run), and is never overwritten.
+        self.run.write_recipe(self.resolved.to_dict())
+        self.run.write_json("run.json", run_info(self, registry) | self._recipe_path())
         self.engine.module.train()
         log.info(
             "training", run=str(self.run.path), steps=self.total_steps, start=self.step, world=self.world,
@@ -212,6 +234,8 @@ class Trainer:
                     self.run.log(self.step, "train", metrics | self._cost())
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
                 bar.update(1)
+                if (signum := self._stop_requested()) is not None:  # before an evaluation, which may be long
+                    self._stop(signum, saved=False)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < self.total_steps:
                     self._log_eval(self.evaluate())
                     last_eval = self.step
@@ -220,6 +244,8 @@ class Trainer:
                     last_ckpt = self.step
                 if stop_after is not None and session_steps >= stop_after:
                     return {}
+        if (signum := self._stop_requested()) is not None:  # received during the last step's evaluation or checkpoint
+            self._stop(signum, saved=last_ckpt == self.step)
         final = self.evaluate() if last_eval != self.step else {}
         self._log_eval(final)
         if last_ckpt != self.step:
@@ -227,6 +253,55 @@ class Trainer:
         summary = {"step": self.step, **final, **self._cost(), "params": count_params(self.comp.backbone)}
         self.run.write_json("summary.json", summary)
         return summary
+
+    def _recipe_path(self) -> dict[str, str]:
+        """run.json's `recipe_path`: the recipe file, absolute and through any symlink, so that
+        `--resume` without `--out` finds this recipe's runs however its path is typed."""
+        source = Path(self.resolved.source)
+        return {"recipe_path": str(source.resolve())} if source.is_file() else {}
+
+    # ------------------------------------------------------------------ stopping on a signal
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """While training, SIGINT and SIGTERM only ask the loop to stop after the step under way
+        (`_stop`); a second signal stops at once. The handlers in place before come back after."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield  # only the main thread may install handlers: signals keep their usual effect
+            return
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise Interrupted(signum, self.step, None)
+            self.stop_signal = signum
+            if self.rank == 0:
+                # os.write, not print: the interrupted code may be inside a write to sys.stderr.
+                with contextlib.suppress(OSError):
+                    os.write(2, f"\n{signal.Signals(signum).name}: stopping at the end of this step, after writing "
+                                f"a checkpoint (send it again to stop at once, without one)\n".encode())
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: set outside Python
+
+    def _stop_requested(self) -> int | None:
+        """The signal asking training to stop, if any. With several processes a collective: a
+        signal may reach one rank a step before another, and all must stop at the same step."""
+        if self.world == 1:
+            return self.stop_signal
+        got = dist.all_reduce_sum(torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)).item()
+        return (self.stop_signal or signal.SIGTERM) if got else None
+
+    def _stop(self, signum: int, *, saved: bool):
+        """Checkpoint the step just finished (unless it is) and stop; the CLI says how to resume."""
+        path = training_state.newest(self) if saved else self.save_checkpoint()
+        raise Interrupted(signum, self.step, path)
 
     def _train_metrics(self) -> dict[str, float]:
         """The `train/*` row since the last one (a collective)."""

@@ -47,9 +47,15 @@ def save(t) -> Path:
     return path
 
 
-def restore(t) -> str:
+def restore(t) -> str | None:
     """Load the newest loadable checkpoint into trainer `t` (unreadable newer ones are skipped
-    and named); returns its tag."""
+    and named); returns its tag. A run stopped before its first checkpoint has nothing to load:
+    it starts again from step 0 in the same directory, its metrics rows dropped (None)."""
+    if not checkpoint.written(t.run.checkpoints):
+        dropped = t.run.truncate_metrics(0)
+        log.warning("no checkpoint to resume from: the run starts again from step 0 in place",
+                    run=str(t.run.path), dropped_rows=dropped)
+        return None
     tag, shared, mine, _skipped = checkpoint.load_newest(t.engine, t.run.checkpoints, t.world)
     t.step = shared["step"]
     t.ledger = Ledger(**shared["ledger"])

@@ -1,9 +1,20 @@
-"""Trajectory pictures (the DIS paper's Figure 7): an example's question, the answer after each
-supervision step with the cells that step changed outlined, and the true answer.
+"""Trajectory pictures (the DIS paper's Figure 7): how a trained model's answer to an example
+develops over the supervision steps. `dis eval --trajectories N` and `train.eval_trajectories = N`
+write one PNG per example and an `index.html` showing them all.
 
-`run_examples` runs the first N examples of a split through `supervision.rollout` (the code
-evaluation uses); `draw` writes one PNG per example and an `index.html` showing them all.
-`dis eval --trajectories N` and `train.eval_trajectories = N` call both.
+A picture reads left to right: the question; the answer after each supervision step, the cells
+that step changed outlined (consecutive steps that leave the answer unchanged share one panel,
+titled "steps 3-6"); the model's answer, titled with the task's verdict; the reference answer,
+dashed where the model's answer differs from it. When the run's target generator gives each step
+its own target (DIS), a second row shows under each step its target, dashed where that step's
+answer differs from it. A legend names the outlines and, quoting the task's `render_grid`
+docstring, its colours (the builtin tasks draw rule-breaking cells red: attacking queens,
+repeated Sudoku digits).
+
+The examples are chosen by `--examples` (`dis_core.selection.Choice`): by default `random`, seed
+0, so every evaluation of a run, and every run of a task, shows the same examples and pictures
+compare across steps and runs; `failures` needs the model's answers and is picked here. The
+verdict is the task's own (`dis_core.selection.verdicts`: its validity evaluator, else exact match).
 
 Each task may draw its own grids through an optional method
 
@@ -19,42 +30,119 @@ method gets a token grid: one colour per token id, the ids written in the cells 
 from __future__ import annotations
 
 import html
+import inspect
 import math
+import textwrap
 from pathlib import Path
 
+import attrs
 import numpy as np
+import structlog
 import torch
 
 from dis_core.data import fetch
+from dis_core.diagnostics import sample_indices
 from dis_core.interfaces import IGNORE, RenderableTask
+from dis_core.selection import POOL, Choice, Verdict, pick, verdicts
 from dis_core.supervision import Rollout, rollout
 
+log = structlog.get_logger()
+
 CHANGED = "#e6007e"  # outline of a cell the step changed
-WRONG = "#1f1f1f"  # outline (answer panel) of a cell the final prediction gets wrong
+DIFFERS = "#1f1f1f"  # dashed outline (reference, target) of a cell where the model's answer differs
+GOOD, BAD = "#1a7f37", "#c62828"  # the verdict's colour in titles
+CHUNK = 64  # examples per rollout while looking for failures
+
+
+# ------------------------------------------------------------------ running
+
+
+def _cpu(batch: dict, result: Rollout) -> tuple[dict, Rollout]:
+    return {k: v.cpu() for k, v in batch.items()}, Rollout(preds=result.preds.cpu(), q_halt=result.q_halt.cpu(), steps=result.steps.cpu())
+
+
+def _rows(parts: list[tuple[dict, Rollout, np.ndarray]]) -> tuple[dict, Rollout]:
+    """The rows `keep` of each (batch, rollout, keep), concatenated."""
+    batch = {k: torch.cat([b[k][keep] for b, _, keep in parts]) for k in parts[0][0]}
+    fields = {f: torch.cat([getattr(r, f)[keep] for _, r, keep in parts]) for f in ("preds", "q_halt", "steps")}
+    return batch, Rollout(**fields)
 
 
 @torch.inference_mode()
-def run_examples(backbone, puzzle_emb, dataset, rule, halting, n: int, *, device, bf16: bool = False):
-    """(batch, Rollout) on the CPU for the first `n` examples of `dataset`."""
-    n = min(int(n), len(dataset))
-    batch = fetch(dataset, np.arange(n, dtype=np.int64), device)
-    emb = puzzle_emb(batch["puzzle_ids"]) if puzzle_emb is not None else None
-    out = rollout(backbone, batch, rule, halting, puzzle_emb=emb, bf16=bf16)
-    cpu = Rollout(preds=out.preds.cpu(), q_halt=out.q_halt.cpu(), steps=out.steps.cpu())
-    return {k: v.cpu() for k, v in batch.items()}, cpu
+def run_examples(backbone, puzzle_emb, dataset, rule, halting, n: int, *, device, bf16: bool = False,
+                 examples: "str | Choice | None" = None, evaluators=None, task=None):
+    """(batch, Rollout), on the CPU, for up to `n` examples of `dataset` chosen by `examples`
+    (default `random`); `evaluators` give the verdicts `failures` picks by."""
+    choice = Choice.parse(examples)
+
+    def run(idx: np.ndarray) -> tuple[dict, Rollout]:
+        batch = fetch(dataset, idx, device)
+        emb = puzzle_emb(batch["puzzle_ids"]) if puzzle_emb is not None else None
+        return _cpu(batch, rollout(backbone, batch, rule, halting, puzzle_emb=emb, bf16=bf16))
+
+    if choice.how != "failures":
+        return run(pick(dataset, n, choice))
+    # Keep the rows as they ran in the search: a second run in another batch could round differently.
+    pool, parts, found = sample_indices(len(dataset), POOL, choice.seed), [], 0
+    for lo in range(0, len(pool), CHUNK):
+        batch, result = run(pool[lo: lo + CHUNK])
+        failed = np.array([v is not None and not v.ok for v in verdicts(batch, result, evaluators, task)], dtype=bool)
+        keep = np.flatnonzero(failed)[: max(0, int(n) - found)]
+        parts.append((batch, result, torch.from_numpy(keep)))
+        found += len(keep)
+        if found >= n:
+            break
+    return _rows(parts)
+
+
+def target_frames(targets, batch: dict, n_sup: int, seed: int) -> torch.Tensor | None:
+    """(B, n_sup, L) per-step targets the generator gives `batch` (its draws seeded as training
+    seeds them); None when they are y* at every step (TRM's `final`) or it cannot make them."""
+    if targets is None or not len(batch["inputs"]):
+        return None
+    try:
+        frames = torch.as_tensor(targets(batch, n_sup, torch.Generator().manual_seed(seed))).cpu().long()
+    except Exception as exc:  # e.g. plans only for training examples: the pictures come without targets
+        log.warning("trajectory pictures without per-step targets: the target generator failed on these examples",
+                    error=f"{type(exc).__name__}: {exc}")
+        return None
+    if frames.shape != (len(batch["inputs"]), n_sup, batch["inputs"].shape[1]) or bool((frames == batch["labels"][:, None]).all()):
+        return None
+    return frames
+
+
+def pictures(task, backbone, puzzle_emb, dataset, rule, halting, n: int, out_dir: Path, *, device, bf16: bool = False,
+             examples=None, evaluators=None, targets=None, n_sup: int = 0, seed: int = 0, title: str = "") -> list[Path]:
+    """Choose, run, judge and draw: the PNGs (and index.html) of up to `n` examples of `dataset`."""
+    choice = Choice.parse(examples)
+    batch, result = run_examples(backbone, puzzle_emb, dataset, rule, halting, n, device=device, bf16=bf16,
+                                 examples=choice, evaluators=evaluators, task=task)
+    frames = target_frames(targets, batch, n_sup, seed)
+    return draw(task, batch, result, out_dir, title=title, evaluators=evaluators, targets=frames, examples=choice)
+
+
+def for_model(model, n: int, out_dir: Path, *, examples=None, dataset=None, title: str = "") -> list[Path]:
+    """`dis eval --trajectories N [--examples ...]`: pictures of a loaded `dis_core.load` model."""
+    recipe = model.recipe
+    return pictures(model.task, model.backbone, model.puzzle_emb, dataset if dataset is not None else model.task.dataset("test"),
+                    model.rule, model.halting, n, Path(out_dir), device=model.device, bf16=model.bf16, examples=examples,
+                    evaluators=model.evaluators, targets=model.components.targets, n_sup=recipe.supervision.n_sup,
+                    seed=recipe.train.seed, title=title or f"{model.run_dir.name} · {model.checkpoint.name} · {model.weights} weights")
 
 
 def at_evaluation(trainer) -> list[Path]:
-    """`train.eval_trajectories = N`: pictures of the first N test examples into
-    RUN_DIR/eval/step_<step>/trajectories/, handed to the run's loggers. Rank 0 only; called by
-    the trainer's evaluation (within it the EMA weights are in place)."""
+    """`train.eval_trajectories = N`: pictures of N test examples (the default choice, `random`,
+    so each evaluation shows the same ones) into RUN_DIR/eval/step_<step>/trajectories/, handed to
+    the run's loggers. Rank 0 only; called by the trainer's evaluation (the EMA weights in place)."""
     n = trainer.train_cfg.eval_trajectories
     if not n or trainer.rank != 0:
         return []
-    batch, result = run_examples(trainer.engine.module.backbone, trainer.puzzle_emb, trainer.test_set, trainer.rule,
-                                 trainer.comp.halting, n, device=trainer.device, bf16=trainer.precision == "bf16")
+    comp = trainer.comp
     out = trainer.run.path / "eval" / f"step_{trainer.step}" / "trajectories"
-    paths = draw(trainer.comp.task, batch, result, out, title=f"{trainer.run.path.name} · step {trainer.step}")
+    paths = pictures(comp.task, trainer.engine.module.backbone, trainer.puzzle_emb, trainer.test_set, trainer.rule, comp.halting, n,
+                     out, device=trainer.device, bf16=trainer.precision == "bf16", evaluators=comp.evaluators,
+                     targets=comp.targets, n_sup=trainer.rule.n_sup, seed=trainer.train_cfg.seed,
+                     title=f"{trainer.run.path.name} · step {trainer.step}")
     if trainer.run.loggers:
         trainer.run.loggers.images(trainer.step, paths)
     return paths
@@ -86,7 +174,8 @@ def token_grid(tokens: np.ndarray, spec) -> dict:
     return out
 
 
-def _render(task, tokens: np.ndarray, question: np.ndarray | None) -> dict:
+def render(task, tokens: np.ndarray, question: np.ndarray | None) -> dict:
+    """The task's drawing of `tokens` as a dict with at least `rgb` (R, C, 3) uint8."""
     drawn = task.render_grid(tokens, question) if isinstance(task, RenderableTask) else token_grid(tokens, task.spec)
     if not isinstance(drawn, dict):
         drawn = {"rgb": drawn}
@@ -94,6 +183,14 @@ def _render(task, tokens: np.ndarray, question: np.ndarray | None) -> dict:
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"render_grid returned an array of shape {rgb.shape}, not (rows, cols, 3)")
     return {**drawn, "rgb": rgb.astype(np.uint8)}
+
+
+def colour_note(task) -> str:
+    """What the cell colours mean: the first paragraph of the task's render_grid docstring."""
+    if not isinstance(task, RenderableTask):
+        return "cells coloured by token id (ids written in small grids)"
+    doc = (inspect.getdoc(task.render_grid) or "").split("\n\n")[0]
+    return " ".join(doc.split())
 
 
 def _trim(panels: list[np.ndarray], pad_id: int) -> tuple[int, int]:
@@ -106,19 +203,62 @@ def _trim(panels: list[np.ndarray], pad_id: int) -> tuple[int, int]:
     return r, c
 
 
-def _draw_panel(ax, drawn: dict, keep: tuple[int, int], cell_pt: float, title: str, outline=None, outline_colour=CHANGED,
-                dashed=False) -> None:
+# ------------------------------------------------------------------ one picture
+
+
+@attrs.frozen(eq=False)
+class Panel:
+    title: str
+    tokens: np.ndarray  # (L,) what the panel draws
+    outline: np.ndarray | None = None  # (L,) bool cells outlined
+    dashed: bool = False  # outline style: dashed (the answer differs here) or solid (the step changed it)
+    colour: str = "black"  # of the title
+
+
+def columns(inputs: np.ndarray, labels: np.ndarray | None, preds: np.ndarray, steps: int, *, pad_id: int = 0,
+            verdict: Verdict | None = None, targets: np.ndarray | None = None) -> list[tuple[Panel, Panel | None]]:
+    """The panels of one picture as (top, bottom) columns: the question; one column per run of
+    steps with the same answer (bottom: the target of the run's last step, when `targets`
+    (n_sup, L) are given); the model's answer; the reference (when `labels` supervise a cell)."""
+    frames = preds[:steps]
+    out: list[tuple[Panel, Panel | None]] = [(Panel("question", inputs), None)]
+    previous, s = inputs, 0
+    while s < len(frames):
+        e = s
+        while e + 1 < len(frames) and np.array_equal(frames[e + 1], frames[s]):
+            e += 1
+        frame, changed = frames[s], frames[s] != previous
+        name = f"step {s + 1}" if s == e else f"steps {s + 1}-{e + 1}"
+        bottom = None
+        if targets is not None and e < len(targets):
+            supervised = targets[e] != IGNORE
+            bottom = Panel(f"target, step {e + 1}", np.where(supervised, targets[e], pad_id), (frame != targets[e]) & supervised, True)
+        out.append((Panel(f"{name}: {int(changed.sum())} changed", frame, changed), bottom))
+        previous, s = frame, e + 1
+    answer = frames[-1]
+    title = "model's answer" + (f": {verdict.word}" if verdict is not None else "")
+    out.append((Panel(title, answer, colour="black" if verdict is None else GOOD if verdict.ok else BAD), None))
+    if labels is not None and (labels != IGNORE).any():
+        supervised = labels != IGNORE
+        differ = (answer != labels) & supervised
+        n = int(differ.sum())
+        out.append((Panel(f"reference: {n} cell{'s' * (n != 1)} differ{'s' * (n == 1)}" if n else "reference: the same",
+                          np.where(supervised, labels, pad_id), differ, True), None))
+    return out
+
+
+def _draw_panel(ax, drawn: dict, keep: tuple[int, int], cell_pt: float, panel: Panel, outline=None) -> None:
     """One grid; `cell_pt` is a cell's side in points (sizes the text and the outlines)."""
     from matplotlib.patches import Rectangle
 
     r, c = keep
-    rgb = drawn["rgb"][:r, :c]
-    ax.imshow(rgb, interpolation="nearest", extent=(0, c, r, 0))
+    ax.set_axis_on()
+    ax.imshow(drawn["rgb"][:r, :c], interpolation="nearest", extent=(0, c, r, 0))
     ax.set_xlim(0, c)
     ax.set_ylim(r, 0)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=11)
+    ax.set_title(panel.title, fontsize=11, color=panel.colour, fontweight="bold" if panel.colour != "black" else "normal")
     if max(r, c) <= 40:
         for i in range(1, r):
             ax.axhline(i, color="#9a9a9a", lw=0.4)
@@ -139,108 +279,122 @@ def _draw_panel(ax, drawn: dict, keep: tuple[int, int], cell_pt: float, title: s
                 if s:
                     col = tuple(np.asarray(colours[i][j]) / 255) if colours is not None else "black"
                     size = cell_pt * (0.75 if len(s) == 1 else 0.55)
-                    ax.text(j + 0.5, i + 0.52, s, ha="center", va="center", fontsize=size, color=col,
-                            fontweight="bold")
+                    ax.text(j + 0.5, i + 0.52, s, ha="center", va="center", fontsize=size, color=col, fontweight="bold")
     if outline is not None:
         # A white stroke under the coloured one, so the outline shows on every cell colour.
         # Small cells get a thin outline on their border, so their colour stays visible.
         lw = max(0.6, min(3.0, cell_pt / 9))
         inset = 0.1 if cell_pt >= 14 else 0.0
+        colour, style = (DIFFERS, (0, (2, 1.2))) if panel.dashed else (CHANGED, "-")
         for i, j in zip(*np.nonzero(outline[:r, :c])):
-            for colour, width, style in (("white", lw * 1.9, "-"), (outline_colour, lw, (0, (2, 1.2)) if dashed else "-")):
-                ax.add_patch(Rectangle((j + inset, i + inset), 1 - 2 * inset, 1 - 2 * inset, fill=False, ec=colour, lw=width, ls=style))
+            for col, width, ls in (("white", lw * 1.9, "-"), (colour, lw, style)):
+                ax.add_patch(Rectangle((j + inset, i + inset), 1 - 2 * inset, 1 - 2 * inset, fill=False, ec=col, lw=width, ls=ls))
 
 
-def draw_example(task, inputs: np.ndarray, labels: np.ndarray | None, preds: np.ndarray, steps: int, path: Path,
-                 title: str = "") -> dict:
-    """One PNG: question, the answer after each of the `steps` steps (changed cells outlined),
-    the true answer (wrong final cells outlined, dashed) when `labels` supervise any cell.
-    Returns what index.html says about it."""
+def figure(task, cols: list[tuple[Panel, Panel | None]], question: np.ndarray, head: str):
+    """The matplotlib Figure of one picture: columns wrap at 8 a line; with targets, each line
+    has a row of answers and a row of targets under them; the legend at the bottom."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     spec = task.spec
     shape = grid_shape(spec)
-    frames = [preds[s] for s in range(steps)]
-    has_answer = labels is not None and (labels != IGNORE).any()
-    answer = np.where(labels == IGNORE, spec.pad_id, labels) if has_answer else None
-    panels = [inputs, *frames] + ([answer] if has_answer else [])
 
     def cells(a: np.ndarray) -> np.ndarray:
         padded = np.full(shape[0] * shape[1], spec.pad_id, dtype=np.int64)
         padded[: len(a)] = a
         return padded.reshape(shape)
 
-    keep = _trim([cells(p) for p in panels], spec.pad_id)
-
-    final = frames[-1]
-    supervised = labels != IGNORE if has_answer else None
-    wrong = int(((final != labels) & supervised).sum()) if has_answer else None
-    n = len(panels)
-    nrows = math.ceil(n / 8)  # at most 8 panels a row, rows filled evenly
-    ncols = math.ceil(n / nrows)
+    panels = [p for col in cols for p in col if p is not None]
+    keep = _trim([cells(p.tokens) for p in panels], spec.pad_id)
+    lines = math.ceil(len(cols) / 8)
+    per_line = math.ceil(len(cols) / lines)  # rows filled evenly
+    two = any(bottom is not None for _, bottom in cols)
+    rows = lines * (2 if two else 1)
     aspect = keep[0] / keep[1]
     side = 2.6 if max(keep) <= 12 else 3.2  # inches per panel; larger grids get larger panels
-    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, nrows * (side * aspect + 0.45) + 0.8), dpi=100, squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
+    width = side * per_line
+    note = textwrap.fill("cell colours: " + colour_note(task), width=max(60, int(width * 14)))
+    foot = 0.45 + 0.17 * note.count("\n")  # inches for the legend and the colour note
+    height = rows * (side * aspect + 0.55) + 0.4 + foot
+    fig, axes = plt.subplots(rows, per_line, figsize=(width, height), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
     cell_pt = 0.85 * 72 * side / keep[1]  # a cell's side in points, about (the titles take some room)
-    _draw_panel(axes.flat[0], _render(task, inputs, inputs), keep, cell_pt, "question")
-    previous = inputs
-    for s, frame in enumerate(frames, 1):
-        changed = cells(frame) != cells(previous)
-        _draw_panel(axes.flat[s], _render(task, frame, inputs), keep, cell_pt, f"step {s}: {int(changed.sum())} changed", changed)
-        previous = frame
-    if has_answer:
-        miss = cells(final) != cells(answer)
-        miss &= cells(np.where(supervised, 1, 0)).astype(bool)
-        _draw_panel(axes.flat[n - 1], _render(task, answer, inputs), keep, cell_pt, "answer" if not wrong else f"answer ({wrong} wrong)",
-                    miss, WRONG, dashed=True)
-    verdict = "" if not has_answer else ("final answer correct" if not wrong else f"final answer: {wrong} cell(s) wrong")
-    head = " · ".join(x for x in (title, f"{steps} step(s)", verdict) if x)
+    for k, (top, bottom) in enumerate(cols):
+        line, c = divmod(k, per_line)
+        row = line * (2 if two else 1)
+        for r, panel in ((row, top), (row + 1, bottom)):
+            if panel is not None:
+                outline = cells(panel.outline).astype(bool) if panel.outline is not None else None
+                _draw_panel(axes[r, c], render(task, panel.tokens, question), keep, cell_pt, panel, outline)
+    handles = [Patch(facecolor="none", edgecolor=CHANGED, lw=2, label="a cell this step changed")]
+    if any(p.dashed for p in panels):
+        handles.append(Patch(facecolor="none", edgecolor=DIFFERS, lw=1.5, ls=(0, (2, 1.2)),
+                             label="the model's answer differs here (reference: the final answer; target: that step's answer)"))
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, (foot - 0.3) / height), ncol=len(handles),
+               fontsize=9, frameon=False, handlelength=1.2)
+    fig.text(0.5, 0.06 / height, note, ha="center", va="bottom", fontsize=9, color="#444444")
     fig.suptitle(head, fontsize=12)
-    fig.text(0.5, 0.005, "solid outline: cell changed by that step" + (" · dashed outline: final answer wrong there" if has_answer else ""),
-             ha="center", va="bottom", fontsize=9, color="#444444")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    fig.tight_layout(rect=(0, foot / height, 1, 1 - 0.35 / height))
+    return fig
+
+
+def draw_example(task, inputs: np.ndarray, labels: np.ndarray | None, preds: np.ndarray, steps: int, path: Path,
+                 title: str = "", *, verdict: Verdict | None = None, targets: np.ndarray | None = None) -> dict:
+    """One PNG (see the module docstring); returns what index.html says about it."""
+    import matplotlib.pyplot as plt
+
+    cols = columns(inputs, labels, preds, steps, pad_id=task.spec.pad_id, verdict=verdict, targets=targets)
+    head = " · ".join(x for x in (title, f"{steps} step{'s' * (steps != 1)}", str(verdict) if verdict else "") if x)
+    fig = figure(task, cols, inputs, head)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-    return {"file": path.name, "steps": steps, "wrong": wrong, "title": title}
+    return {"file": path.name, "steps": steps, "verdict": str(verdict) if verdict else "", "title": title}
 
 
-def draw(task, batch: dict, result: Rollout, out_dir: Path, *, title: str = "") -> list[Path]:
-    """`example_<i>.png` for each example of `batch` (CPU tensors) and `index.html`."""
+def draw(task, batch: dict, result: Rollout, out_dir: Path, *, title: str = "", evaluators=None,
+         targets: torch.Tensor | None = None, examples=None) -> list[Path]:
+    """`example_<id>.png` for each example of `batch` (CPU tensors) and `index.html`.
+    `evaluators` give the verdicts (else exact match), `targets` (B, n_sup, L) the per-step
+    targets, `examples` the choice that picked them (said on the index page)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs, labels = batch["inputs"].numpy(), batch["labels"].numpy()
     ids = batch["example_ids"].numpy() if "example_ids" in batch else np.arange(len(inputs))
     preds, steps = result.preds.numpy(), result.steps.numpy()
+    judged = verdicts(batch, result, evaluators, task) if len(inputs) else []
     paths, entries = [], []
     for i in range(len(inputs)):
         path = out_dir / f"example_{int(ids[i]):06d}.png"
-        entry = draw_example(task, inputs[i], labels[i], preds[i], max(1, int(steps[i])), path, f"example {int(ids[i])}")
+        entries.append(draw_example(task, inputs[i], labels[i], preds[i], max(1, int(steps[i])), path, f"example {int(ids[i])}",
+                                    verdict=judged[i], targets=targets[i].numpy() if targets is not None else None))
         paths.append(path)
-        entries.append(entry)
-    write_index(out_dir, entries, title)
+    write_index(out_dir, entries, title, Choice.parse(examples))
     return paths
 
 
-def write_index(out_dir: Path, entries: list[dict], title: str) -> Path:
+def write_index(out_dir: Path, entries: list[dict], title: str, choice: Choice | None = None) -> Path:
     rows = []
     for e in entries:
-        verdict = "" if e["wrong"] is None else ("correct" if e["wrong"] == 0 else f"{e['wrong']} cell(s) wrong")
-        caption = html.escape(" · ".join(x for x in (e["title"], f"{e['steps']} step(s)", verdict) if x))
+        caption = html.escape(" · ".join(x for x in (e["title"], f"{e['steps']} step(s)", e["verdict"]) if x))
         rows.append(f'<figure><a href="{html.escape(e["file"])}"><img src="{html.escape(e["file"])}" alt="{caption}"></a>'
                     f"<figcaption>{caption}</figcaption></figure>")
+    chosen = f"Examples {choice.describe()}." if choice is not None else ""
+    if choice is not None and not entries:
+        chosen += " None was found." if choice.how == "failures" else " None."
     page = (
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>trajectories</title>\n"
         "<style>body{font-family:sans-serif;margin:1em} img{max-width:100%;border:1px solid #ccc} "
         "figure{margin:0 0 2em 0}</style></head>\n<body>\n"
-        f"<h1>Trajectories</h1>\n<p>{html.escape(title)}</p>\n<p>Each picture: the question, the answer after each "
-        "supervision step (cells the step changed outlined), and the true answer (cells the final answer gets wrong "
-        "outlined, dashed).</p>\n" + "\n".join(rows) + "\n</body></html>\n"
+        f"<h1>Trajectories</h1>\n<p>{html.escape(title)}</p>\n<p>{html.escape(chosen)}</p>\n<p>Each picture: the question, "
+        "the answer after each supervision step (cells the step changed outlined; steps that change nothing share a "
+        "panel), the model's answer with the task's verdict, and the reference (dashed where the model's answer "
+        "differs). With per-step targets, each step's target is drawn under it.</p>\n" + "\n".join(rows) + "\n</body></html>\n"
     )
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")

@@ -18,15 +18,19 @@ import attrs
 import torch
 
 from dis_core import hookimpl
-from dis_core.validators import in_range, non_negative
+from dis_core.validators import in_range, non_negative, positive
+
+# torch checks these only when the trainer builds the optimizer (and lets lr = inf through): the
+# config classes check them when the recipe is loaded, NaN and infinities included.
+_betas = in_range(0.0, 1.0, high_open=True)
 
 
 @attrs.frozen(kw_only=True)
 class AdamWConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)  # the reference's betas (not torch's 0.999)
-    weight_decay: float = 0.1  # decoupled, applied to every parameter as the reference does
-    eps: float = 1e-8
+    lr: float = attrs.field(default=1e-4, validator=non_negative)  # base lr; the trainer's schedule scales it
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_betas)  # the reference's betas (not torch's 0.999)
+    weight_decay: float = attrs.field(default=0.1, validator=non_negative)  # decoupled, applied to every parameter as the reference does
+    eps: float = attrs.field(default=1e-8, validator=positive)  # 0 would divide 0 by 0 where a gradient's history is 0
 
 
 def build_adamw(config: AdamWConfig, ctx):
@@ -41,7 +45,7 @@ def build_adamw(config: AdamWConfig, ctx):
 @attrs.frozen(kw_only=True)
 class AdamATan2Config:
     lr: float = attrs.field(default=1e-4, validator=non_negative)  # base lr; the trainer's schedule scales it
-    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=in_range(0.0, 1.0, high_open=True))  # TRM's (not 0.999)
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_betas)  # TRM's (not 0.999)
     weight_decay: float = attrs.field(default=0.1, validator=non_negative)  # decoupled; TRM Sudoku/Maze use 1.0
 
 

@@ -140,11 +140,12 @@ def _parse_step(step: Any, shape: tuple[int, int] | None, L: int, vocab: int, wh
 def load_plans(path: Path, task, spec, split: str):
     """Read and validate every record -> (ids, plans, labels, skipped)."""
     L, vocab, shape = spec.seq_len, spec.vocab_size, spec.grid_shape
-    records, first_line, skipped = [], {}, 0
+    records, first_line, skipped, lines = [], {}, 0, 0
     with path.open() as f:
         for lineno, text in enumerate(f, start=1):
             if not text.strip():
                 continue
+            lines += 1
             where = f"{path}:{lineno}"
             try:
                 rec = json.loads(text)
@@ -170,15 +171,16 @@ def load_plans(path: Path, task, spec, split: str):
             first_line[eid] = lineno
             plan = np.stack([_parse_step(s, shape, L, vocab, where, k) for k, s in enumerate(steps)])
             records.append((eid, plan, where))
+    if not lines:  # a file cut short or never written: without this, every example would silently fall back
+        raise DataError(f"{path}: the plan file holds no plans (no lines); write one JSON object per line "
+                        f"(docs/plan_format.md)")
     if not records:
         return np.zeros(0, dtype=np.int64), [], None, skipped
     dataset = task.dataset(split)
+    for eid, _, where in records:  # Python ints: an id too big for int64 is simply out of range
+        if eid >= len(dataset):
+            raise DataError(f"{where}: example_id {eid} is outside the {split} split (it has {len(dataset)} examples)")
     ids = np.array([r[0] for r in records], dtype=np.int64)
-    too_big = ids >= len(dataset)
-    if too_big.any():
-        i = int(np.argmax(too_big))
-        raise DataError(f"{records[i][2]}: example_id {ids[i]} is outside the {split} split "
-                        f"(it has {len(dataset)} examples)")
     labels = np.asarray(dataset.get(ids)["labels"], dtype=np.int64)  # (P, L)
     plans = []
     for (eid, plan, where), y in zip(records, labels):

@@ -149,7 +149,7 @@ def test_trajectories_write_pngs_and_an_index(run, tmp_path):
     assert cli.main(["eval", str(out), "--out", str(tmp_path / "ev"), "--trajectories", "4", "--data-dir", str(data)]) == 0
     folder = tmp_path / "ev" / "trajectories"
     pngs = sorted(folder.glob("*.png"))
-    assert [p.name for p in pngs] == [f"example_{i:06d}.png" for i in range(4)]
+    assert [p.name for p in pngs] == [f"example_{i:06d}.png" for i in (3, 5, 6, 7)]  # 4 of 12 at random, seed 0 (the default)
     page = (folder / "index.html").read_text()
     assert all(f'src="{p.name}"' in page for p in pngs)
     img = matplotlib.image.imread(pngs[0])

@@ -387,7 +387,8 @@ def test_dis_check_names_the_broken_component(tmp_path, kit_registry):
 
 def test_dis_show_marks_the_cells_each_frame_changes(tmp_path, kit_registry):
     text = show_examples(sort_recipe(tmp_path, kit_registry), kit_registry, data_dir=tmp_path / "data", examples=2)
-    assert "2 train examples; the target path of target generator 'reveal_path' (plugin 'targets')" in text
+    assert "2 train examples with the most cells to change, among up to 512 drawn at random (seed 0); the target path of " \
+           "target generator 'reveal_path' (plugin 'targets')" in text
     assert text.count("example_id ") == 2 and "(monotone)" in text
     assert "step 1" in text and "step 3" in text and "y*" in text
     x = np.array([1, 2, 3, 4])

@@ -306,10 +306,12 @@ def test_a_dead_run_without_checkpoint_is_not_mixed_into_a_new_one(tmp_path, cap
     rundir.release_lock(out)
     before = (out / "metrics.jsonl").read_text()
     code, err = _run(["run", str(recipe), "--out", str(out), "--data-dir", str(tmp_path / "data")], capsys)
-    assert code == 2 and "stopped before its first checkpoint" in err and "metrics up to step 3" in err
+    assert code == 2 and "stopped before its first checkpoint" in err and "metrics up to step 3" in err and "--resume" in err
     assert (out / "metrics.jsonl").read_text() == before  # untouched
+    # --resume starts it again from step 0 in place, its rows dropped (tests/test_run_lifecycle.py)
     code, err = _run(["run", str(recipe), "--out", str(out), "--resume", "--data-dir", str(tmp_path / "data")], capsys)
-    assert code == 2 and "no complete checkpoint" in err
+    assert code == 0 and "starts again from step 0" in err
+    assert [r["step"] for r in _rows(out) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
 # ------------------------------------------------------------------ 5. the operating system

@@ -214,7 +214,9 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
     registry = fresh()
     sub = tmp_path / "recipes" / "deep"
     sub.mkdir(parents=True)
-    (sub / "plans.jsonl").write_text("")  # no plans: every example gets the fallback
+    # Only a test-split plan: no train plans, so every training example gets the fallback (an
+    # empty file is an error).
+    (sub / "plans.jsonl").write_text('{"example_id": 0, "split": "test", "steps": [[1]]}\n')
     base = tiny_recipe(sub, name="base.toml", targets="plan_import", extra="")
     base.write_text(base.read_text().replace('name = "plan_import"', 'name = "plan_import"\nconfig = { path = "plans.jsonl" }'))
     child = tmp_path / "recipes" / "child.toml"  # extends a recipe in another directory

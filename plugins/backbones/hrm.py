@@ -14,6 +14,7 @@ import attrs
 import torch
 
 from dis_core import hookimpl
+from dis_core.validators import positive
 from dis_plugins.backbones.layers import Block, Reasoner, RecursiveBackbone, check_shape_config
 
 
@@ -21,13 +22,13 @@ from dis_plugins.backbones.layers import Block, Reasoner, RecursiveBackbone, che
 class HRMConfig:
     hidden_size: int = 512  # D
     num_heads: int = 8
-    expansion: float = 4.0  # SwiGLU inner size = 256*ceil(round(expansion*D*2/3)/256)
+    expansion: float = attrs.field(default=4.0, validator=positive)  # SwiGLU inner size = 256*ceil(round(expansion*D*2/3)/256)
     H_layers: int = 4  # blocks of the slow module (updates y, reference z_H)
     L_layers: int = 4  # blocks of the fast module (updates z, reference z_L)
     T: int = 2  # cycles per supervision step (reference H_cycles)
     n: int = 2  # L-updates per cycle (reference L_cycles)
     pos_encodings: str = "rope"  # "rope" | "learned" | "none"
-    rope_theta: float = 10000.0
+    rope_theta: float = attrs.field(default=10000.0, validator=positive)
     # DIS: add a learned (n_sup + 2)-row table, indexed by the supervision step, to every position.
     step_embedding: bool = False
     # Width of the per-puzzle vector the trainer passes in; 0 = no puzzle embedding.

@@ -16,6 +16,7 @@ import attrs
 import torch
 
 from dis_core import hookimpl
+from dis_core.validators import positive
 from dis_plugins.backbones.layers import Block, Reasoner, RecursiveBackbone, check_shape_config
 
 
@@ -24,11 +25,11 @@ class TRMConfig:
     hidden_size: int = 512  # D
     num_layers: int = 2  # blocks in the shared network (reference L_layers)
     num_heads: int = 8
-    expansion: float = 4.0  # SwiGLU inner size = 256*ceil(round(expansion*D*2/3)/256)
+    expansion: float = attrs.field(default=4.0, validator=positive)  # SwiGLU inner size = 256*ceil(round(expansion*D*2/3)/256)
     T: int = 1  # cycles per supervision step (reference H_cycles); the first T-1 run without grad
     n: int = 2  # z-updates per cycle (reference L_cycles)
     pos_encodings: str = "rope"  # "rope" | "learned" | "none"
-    rope_theta: float = 10000.0
+    rope_theta: float = attrs.field(default=10000.0, validator=positive)
     # TRM-MLP (Sudoku): a SwiGLU across positions replaces attention; needs a fixed S.
     mlp_t: bool = False
     # DIS: add a learned (n_sup + 2)-row table, indexed by the supervision step, to every position.

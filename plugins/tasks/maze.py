@@ -168,18 +168,17 @@ class MazeTask:
 
     def encode_inputs(self, puzzles: list) -> dict[str, np.ndarray]:
         """Mazes -> {"inputs": (K, rows*cols)}: a string of rows*cols characters over "# SG"
-        (wall, open, start, goal; the Maze-Hard CSV's question column) or a list of rows strings."""
+        (wall, open, start, goal; the Maze-Hard CSV's question column) or a list of rows strings.
+        Any other character is an error naming its row and column."""
         r, c = self.config.rows, self.config.cols
         out = np.empty((len(puzzles), r * c), dtype=np.int64)
         for i, p in enumerate(puzzles):
-            text = "".join(p) if isinstance(p, list) and all(isinstance(row, str) and len(row) == c for row in p) else p
-            if not isinstance(text, str) or len(text) != r * c or any(ch not in "# SG" for ch in text):
-                raise DataError(f"puzzle {i}: a {r}x{c} maze is a string of {r * c} characters (or {r} rows of {c}) "
-                                f"over '#' wall, ' ' open, 'S' start, 'G' goal")
-            if text.count("S") != 1 or text.count("G") != 1:
-                raise DataError(f"puzzle {i}: a maze needs exactly one 'S' and one 'G'")
-            out[i] = [CHARSET.index(ch) + 1 for ch in text]
+            out[i] = [CHARSET.index(ch) + 1 for ch in _maze_text(p, r, c, f"puzzle {i}")]
         return {"inputs": out}
+
+    def check_answers(self, inputs: np.ndarray, answers: np.ndarray) -> np.ndarray:
+        """(K,) bool: the 'o' cells mark a shortest S->G path and nothing else changed."""
+        return valid_paths(torch.as_tensor(inputs), torch.as_tensor(answers), self.spec.grid_shape).numpy()
 
     def decode(self, tokens: np.ndarray, puzzle=None):
         """Tokens -> the puzzle's form (a string, or a list of row strings) with the path as 'o';
@@ -195,6 +194,27 @@ class MazeTask:
         palette = np.array([[255, 0, 200], [43, 43, 43], [255, 255, 255], [46, 204, 64], [255, 65, 54], [31, 119, 230]], dtype=np.uint8)
         t = np.asarray(tokens, dtype=np.int64)
         return palette[np.where((t >= 1) & (t <= len(CHARSET)), t, 0)].reshape(self.config.rows, self.config.cols, 3)
+
+
+def _maze_text(p, rows: int, cols: int, where: str) -> str:
+    """One maze as JSON gives it -> its rows*cols characters; DataError naming the cell."""
+    shape = f"a {rows}x{cols} maze is a string of {rows * cols} characters or a list of {rows} strings of {cols}"
+    if isinstance(p, list):
+        if len(p) != rows or not all(isinstance(row, str) for row in p):
+            raise DataError(f"{where}: {shape}")
+        for k, row in enumerate(p):
+            if len(row) != cols:
+                raise DataError(f"{where}: row {k} has {len(row)} characters; {shape}")
+        p = "".join(p)
+    if not isinstance(p, str) or len(p) != rows * cols:
+        raise DataError(f"{where}: {shape}" + (f", not {len(p)}" if isinstance(p, str) else ""))
+    for k, ch in enumerate(p):
+        if ch not in "# SG":
+            raise DataError(f"{where}: row {k // cols} column {k % cols}: {ch!r} is not a maze cell; each is '#' "
+                            f"wall, ' ' open, 'S' start or 'G' goal; rows and columns count from 0")
+    if p.count("S") != 1 or p.count("G") != 1:
+        raise DataError(f"{where}: a maze needs exactly one 'S' and one 'G' (it has {p.count('S')} and {p.count('G')})")
+    return p
 
 
 def build_maze(config: MazeConfig, ctx) -> MazeTask:

@@ -103,18 +103,29 @@ def dihedral_perms(n: int) -> np.ndarray:
     return np.stack(perms)
 
 
+def _line_counts(q: torch.Tensor, n: int) -> torch.Tensor:
+    """q (B, n*n) float, 1 where a queen stands -> (B, 6n-2) queens on each row, column,
+    diagonal and anti-diagonal."""
+    r, c = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)  # row, column of each cell
+    lines = torch.cat([r, n + c, 2 * n + (r - c + n - 1), 4 * n - 1 + (r + c)])  # line id of each (line, cell)
+    member = torch.zeros(6 * n - 2, n * n)  # rows, cols, 2n-1 diagonals, 2n-1 anti-diagonals
+    member[lines, torch.arange(n * n).repeat(4)] = 1.0
+    return q @ member.T.to(q.device)
+
+
 def valid_solutions(boards: torch.Tensor, inputs: torch.Tensor, n: int) -> torch.Tensor:
     """boards, inputs (B, n*n) tokens -> (B,) bool: every cell is EMPTY or QUEEN, exactly n
     queens, no two on a row, column or diagonal, and every queen given in `inputs` kept."""
     q = (boards == QUEEN).to(torch.float32)  # (B, L)
     well_formed = ((boards == QUEEN) | (boards == EMPTY)).all(-1)
     givens_kept = ((inputs != QUEEN) | (boards == QUEEN)).all(-1)
-    r, c = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)  # row, column of each cell
-    lines = torch.cat([r, n + c, 2 * n + (r - c + n - 1), 4 * n - 1 + (r + c)])  # line id of each (line, cell)
-    member = torch.zeros(6 * n - 2, n * n)  # rows, cols, 2n-1 diagonals, 2n-1 anti-diagonals
-    member[lines, torch.arange(n * n).repeat(4)] = 1.0
-    counts = q @ member.T.to(q.device)  # (B, 6n-2) queens on each line
+    counts = _line_counts(q, n)  # (B, 6n-2)
     return well_formed & givens_kept & (q.sum(-1) == n) & (counts <= 1).all(-1)
+
+
+def consistent_givens(inputs: torch.Tensor, n: int) -> torch.Tensor:
+    """inputs (B, n*n) tokens -> (B,) bool: no two given queens attack each other."""
+    return (_line_counts((inputs == QUEEN).to(torch.float32), n) <= 1).all(-1)
 
 
 # ----------------------------------------------------------------------------- task
@@ -187,8 +198,9 @@ class NQueensTask:
     # ---- using a trained model (optional Task methods: dis predict, trajectory pictures) ----
 
     def encode_inputs(self, puzzles: list) -> dict[str, np.ndarray]:
-        """Boards -> {"inputs": (K, n*n)}. A board is n strings of n characters ('Q' (or 'q',
-        '1', 'X') a queen, anything of '.', '0', '_', '-', ' ' empty) or n rows of n 0/1 ints."""
+        """Boards -> {"inputs": (K, n*n)}. A board is n strings of n characters (one of
+        `QUEEN_CELLS` a queen, one of `EMPTY_CELLS` empty), one string of n*n such characters,
+        or n rows of n 0/1 ints; any other cell is an error naming its row and column."""
         n = self.config.board_size
         out = np.full((len(puzzles), n * n), EMPTY, dtype=np.int64)
         for i, board in enumerate(puzzles):
@@ -203,6 +215,14 @@ class NQueensTask:
         if isinstance(puzzle, list) and puzzle and isinstance(puzzle[0], list):
             return [[1 if t == QUEEN else 0 if t == EMPTY else -1 for t in row] for row in grid.tolist()]
         return ["".join("Q" if t == QUEEN else "." if t == EMPTY else "?" for t in row) for row in grid.tolist()]
+
+    def check_answers(self, inputs: np.ndarray, answers: np.ndarray) -> np.ndarray:
+        """(K,) bool: n queens, none attacking another, every given queen kept (any solution)."""
+        return valid_solutions(torch.as_tensor(answers), torch.as_tensor(inputs), self.config.board_size).numpy()
+
+    def check_givens(self, inputs: np.ndarray) -> np.ndarray:
+        """(K,) bool: no two given queens attack each other."""
+        return consistent_givens(torch.as_tensor(inputs), self.config.board_size).numpy()
 
     def render_grid(self, tokens: np.ndarray, question: np.ndarray | None = None) -> dict:
         """A chess board: queens given in the question dark blue, placed ones black, queens
@@ -230,6 +250,17 @@ class NQueensTask:
         return {"rgb": rgb.astype(np.uint8), "text": text, "text_rgb": colour}
 
 
+QUEEN_CELLS = ("Q", "q", "1", "X", "x")  # as characters; as JSON values also 1 and true
+EMPTY_CELLS = (".", "0", "_", "-", " ")  # also 0 and false
+
+
+def _is_cell(cell, chars: tuple[str, ...], value: int) -> bool:
+    # Exact types: 1.5, "QQ" or a nested list is a mistake to report, not a queen.
+    if isinstance(cell, str):
+        return cell in chars
+    return type(cell) in (int, bool) and cell == value
+
+
 def _board_tokens(board, n: int, index: int) -> np.ndarray:
     where = f"puzzle {index}"
     if isinstance(board, str):
@@ -238,13 +269,17 @@ def _board_tokens(board, n: int, index: int) -> np.ndarray:
         raise DataError(f"{where}: a board is a list of {n} rows (strings of {n} characters, or lists of {n} 0/1 values)")
     out = np.full((n, n), EMPTY, dtype=np.int64)
     for r, row in enumerate(board):
-        if len(row) != n:
-            raise DataError(f"{where}: row {r} has {len(row)} cells, the board is {n}x{n}")
+        if not isinstance(row, (str, list)) or len(row) != n:
+            size = f"has {len(row)} cells" if isinstance(row, (str, list)) else f"is {row!r}"
+            raise DataError(f"{where}: row {r} {size}; the board is {n}x{n} (rows are strings of {n} characters "
+                            f"or lists of {n} 0/1 values)")
         for c, cell in enumerate(row):
-            if cell in ("Q", "q", "1", "X", "x", 1, True):
+            if _is_cell(cell, QUEEN_CELLS, 1):
                 out[r, c] = QUEEN
-            elif cell not in (".", "0", "_", "-", " ", 0, False):
-                raise DataError(f"{where}: row {r} column {c}: {cell!r} is neither a queen ('Q' or 1) nor empty ('.' or 0)")
+            elif not _is_cell(cell, EMPTY_CELLS, 0):
+                raise DataError(
+                    f"{where}: row {r} column {c}: {cell!r} is neither a queen ({', '.join(map(repr, QUEEN_CELLS))} "
+                    f"or 1) nor empty ({', '.join(map(repr, EMPTY_CELLS))} or 0); rows and columns count from 0")
     return out.ravel()
 
 

@@ -203,22 +203,12 @@ class SudokuTask:
 
     def encode_inputs(self, puzzles: list) -> dict[str, np.ndarray]:
         """Puzzles -> {"inputs": (K, n*n)}: a string of n*n characters ('.' or '0' blank,
-        digits 1..n; boards up to 9x9), as in the Sudoku-Extreme CSV, or n rows of n ints (0 blank)."""
+        digits 1..n; boards up to 9x9), as in the Sudoku-Extreme CSV, or n rows of n ints (0
+        blank). Any other cell is an error naming its row and column."""
         n = self.geo.n
         out = np.empty((len(puzzles), n * n), dtype=np.int64)
         for i, p in enumerate(puzzles):
-            if isinstance(p, str):
-                if len(p) != n * n or n > 9 or any(ch not in ".0123456789"[: n + 2] for ch in p):
-                    raise DataError(f"puzzle {i}: a {n}x{n} Sudoku string has {n * n} characters, each '.', '0' or 1..{n}"
-                                    + (" (boards over 9x9 need rows of ints)" if n > 9 else ""))
-                digits = [0 if ch == "." else int(ch) for ch in p]
-            elif isinstance(p, list) and len(p) == n and all(isinstance(r, list) and len(r) == n for r in p):
-                digits = [v for r in p for v in r]
-                if not all(isinstance(v, int) and 0 <= v <= n for v in digits):
-                    raise DataError(f"puzzle {i}: cells must be ints 0 (blank) to {n}")
-            else:
-                raise DataError(f"puzzle {i}: a Sudoku is a string of {n * n} characters or {n} rows of {n} ints")
-            out[i] = np.asarray(digits, dtype=np.int64) + 1
+            out[i] = np.asarray(_digits(p, n, f"puzzle {i}"), dtype=np.int64) + 1
         return {"inputs": out}
 
     def decode(self, tokens: np.ndarray, puzzle=None):
@@ -230,6 +220,17 @@ class SudokuTask:
         if isinstance(puzzle, list) or n > 9:
             return digits.reshape(n, n).tolist()
         return "".join("?" if d < 0 else "." if d == 0 else str(d) for d in digits.tolist())
+
+    def check_answers(self, inputs: np.ndarray, answers: np.ndarray) -> np.ndarray:
+        """(K,) bool: a completed grid (digits only) breaking no row, column or box, givens kept."""
+        return valid_solutions(np.asarray(answers), np.asarray(inputs), self.geo)
+
+    def check_givens(self, inputs: np.ndarray) -> np.ndarray:
+        """(K,) bool: no digit given twice in a row, column or box."""
+        digits = np.asarray(inputs, dtype=np.int64) - 1  # 0 blank
+        units = np.sort(digits[:, self.geo.unit_index], axis=-1)  # (K, 3n, n)
+        repeated = (units[..., 1:] == units[..., :-1]) & (units[..., 1:] > 0)
+        return ~repeated.any(axis=(1, 2))
 
     def render_grid(self, tokens: np.ndarray, question: np.ndarray | None = None) -> dict:
         """Digits on white, boxes outlined: givens black, filled-in digits blue, a digit repeated
@@ -252,6 +253,38 @@ class SudokuTask:
         colour[dup & ~given] = (215, 0, 0)
         return {"rgb": rgb.reshape(n, n, 3), "text": text.reshape(n, n), "text_rgb": colour.reshape(n, n, 3),
                 "boxes": (self.geo.box_rows, self.geo.box_cols)}
+
+
+def _digits(p, n: int, where: str) -> list[int]:
+    """One puzzle as JSON gives it -> its n*n digits (0 blank); DataError naming the cell."""
+    if isinstance(p, str):
+        if n > 9:
+            raise DataError(f"{where}: a {n}x{n} Sudoku is written as {n} rows of ints (strings hold digits up to 9)")
+        if len(p) != n * n:
+            raise DataError(f"{where}: a {n}x{n} Sudoku string has {n * n} characters, not {len(p)}")
+        allowed = ".0" + "123456789"[:n]
+        for k, ch in enumerate(p):
+            if ch not in allowed:
+                raise DataError(f"{where}: row {k // n} column {k % n}: {ch!r} is not a cell; each is '.' or '0' "
+                                f"(blank) or a digit 1..{n}; rows and columns count from 0")
+        return [0 if ch == "." else int(ch) for ch in p]
+    if not (isinstance(p, list) and len(p) == n and all(isinstance(r, list) and len(r) == n for r in p)):
+        raise DataError(f"{where}: a {n}x{n} Sudoku is a string of {n * n} characters or {n} rows of {n} ints")
+    for r, row in enumerate(p):
+        for c, v in enumerate(row):
+            if type(v) is not int or not 0 <= v <= n:  # exact type: true, 1.0 or "1" is a mistake
+                raise DataError(f"{where}: row {r} column {c}: {v!r} is not a cell; each is an int 0 (blank) "
+                                f"to {n}; rows and columns count from 0")
+    return [v for row in p for v in row]
+
+
+def valid_solutions(answers: np.ndarray, inputs: np.ndarray, geo: Geometry) -> np.ndarray:
+    """answers, inputs (K, n*n) tokens -> (K,) bool: digits only, no row, column or box
+    breaking the rules, every given of `inputs` kept."""
+    digits = answers.astype(np.int64) - 1
+    in_range = ((digits >= 1) & (digits <= geo.n)).all(1)
+    keeps_givens = ((answers == inputs) | (inputs == 1)).all(1)
+    return in_range & keeps_givens & valid_grids(np.clip(digits, 0, geo.n), geo)
 
 
 def build_sudoku(config: SudokuConfig, ctx) -> SudokuTask:
@@ -284,10 +317,7 @@ class SudokuEvaluator:
 
     def _valid(self, pred: torch.Tensor, inputs: torch.Tensor) -> np.ndarray:
         """(B, L) predictions and questions -> (B,) bool valid solutions."""
-        digits = (pred - 1).numpy()
-        in_range = ((digits >= 1) & (digits <= self.geo.n)).all(1)
-        keeps_givens = ((pred == inputs) | (inputs == 1)).all(1).numpy()
-        return in_range & keeps_givens & valid_grids(np.clip(digits, 0, self.geo.n), self.geo)
+        return valid_solutions(pred.numpy(), inputs.numpy(), self.geo)
 
     def update(self, record: EvalRecord) -> None:
         preds = record.preds.cpu().long()  # (B, N, L); a halted example repeats its answer

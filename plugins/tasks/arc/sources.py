@@ -90,12 +90,13 @@ def _grid(value, where: str) -> np.ndarray:
     try:
         g = np.array(value)
     except (ValueError, TypeError):
-        raise DataError(f"{where}: cells must be integers 0..9") from None
-    if g.dtype.kind not in "iu":
-        raise DataError(f"{where}: cells must be integers 0..9, got {g.dtype}")
-    if g.min() < 0 or g.max() > 9:
-        bad = g[(g < 0) | (g > 9)][0]
-        raise DataError(f"{where}: colour {bad} outside 0..9")
+        g = None
+    if g is None or g.ndim != 2 or g.dtype.kind not in "iu" or g.min() < 0 or g.max() > 9:
+        # The slow scan runs only on a bad grid, to name the first bad cell.
+        r, c, v = next(((r, c, v) for r, row in enumerate(value) for c, v in enumerate(row)
+                        if type(v) not in (int, bool) or not 0 <= v <= 9), (0, 0, value[0][0]))
+        raise DataError(f"{where}: row {r} column {c}: colour {v!r} is not an integer 0..9 "
+                        f"(rows and columns count from 0)")
     if max(g.shape) > MAX_SIDE:
         raise DataError(f"{where}: grid of shape {g.shape[0]}x{g.shape[1]} exceeds the {MAX_SIDE}x{MAX_SIDE} canvas")
     return g.astype(np.uint8)
