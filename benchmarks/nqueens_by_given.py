@@ -95,13 +95,13 @@ def per_board(run_dir: Path) -> dict:
         shutil.copytree(run_dir, work, ignore=shutil.ignore_patterns(".lock", "eval"))
         resolved = load_recipe(work / "recipe.toml", registry)
         trainer = Trainer(resolved, registry, work, resume=True)
-        n = trainer.spec.grid_shape[0]
+        n = trainer.solver.spec.grid_shape[0]
         collector = PerBoard(n)
-        trainer.comp.evaluators = {"per_board": collector}
+        trainer.solver.components.evaluators = {"per_board": collector}
         metrics = trainer.evaluate()
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     return {**collector.state(), "rate": metrics["per_board/valid_solution_rate"],
-            "logged": summary.get("nqueens/valid_solution_rate"), "step": trainer.step}
+            "logged": summary.get("nqueens/valid_solution_rate"), "step": trainer.state.step}
 
 
 def group_name(run_dir: Path) -> str:

@@ -7,9 +7,11 @@ third-party plugin; this package never imports them.
 
 __version__ = "0.1.0"
 
+from dis_core.compat import CONTRACT_VERSION  # noqa: E402  (the plugin contract: docs/hooks.md, "Contract versions")
+from dis_core.errors import DisContractWarning  # noqa: E402
 from dis_core.hookspecs import hookimpl  # noqa: E402  (the one name plugin authors need)
 
-__all__ = ["__version__", "hookimpl", "load"]
+__all__ = ["CONTRACT_VERSION", "DisContractWarning", "__version__", "hookimpl", "load"]
 
 
 def __getattr__(name: str):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import attrs
 
+from dis_core.compat import uses_continue_loss
+
 
 @attrs.frozen
 class StepCost:
@@ -20,7 +22,7 @@ class StepCost:
     @classmethod
     def of(cls, backbone, seq_len: int, halting=None) -> "StepCost":
         calls, grad_calls = backbone.calls_per_step()
-        q_forward = halting is not None and halting.uses_continue_loss
+        q_forward = halting is not None and uses_continue_loss(halting)
         return cls(calls, grad_calls, float(backbone.flops_per_call(seq_len + backbone.prefix_len)), q_forward)
 
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dis_core import engine as dist
 from dis_core.errors import UserError
 
 
@@ -39,29 +40,25 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 10, dtype: torch.dtype = to
     return 2 * n**3 / min(once() for _ in range(repeats)) / 1e9
 
 
-def time_eval(trainer, batches: int) -> tuple[float, int, int]:
+def time_eval(solver, batches: int) -> tuple[float, int, int]:
     """(seconds per evaluation batch, examples per batch, test examples) over `batches`
     batches of the test split, each run for every supervision step, as evaluation runs them."""
     from dis_core.data import fetch
     from dis_core.evaluation import eval_batch_size
-    from dis_core.supervision import rollout
 
-    cfg = trainer.train_cfg
-    size = eval_batch_size(cfg.eval_batch_size or cfg.global_batch_size, trainer.world)
-    backbone = trainer.engine.module.backbone
-    backbone.eval()
+    train = solver.recipe.train
+    size = eval_batch_size(train.eval_batch_size or train.global_batch_size, dist.world_size())
+    test_set = solver.dataset("test")
     times = []
-    with torch.inference_mode():
+    with solver.evaluating(), torch.inference_mode():
         for i in range(batches + 1):  # the first batch warms up
-            idx = np.arange(i * size, (i + 1) * size) % len(trainer.test_set)
-            batch = fetch(trainer.test_set, idx, trainer.device)
-            emb = trainer.puzzle_emb.weights[batch["puzzle_ids"]] if trainer.puzzle_emb is not None else None
+            idx = np.arange(i * size, (i + 1) * size) % len(test_set)
+            batch = fetch(test_set, idx, solver.device)
             t0 = time.perf_counter()
-            rollout(backbone, batch, trainer.rule, trainer.comp.halting, puzzle_emb=emb, bf16=trainer.precision == "bf16")
+            solver.rollout(batch)
             if i:
                 times.append(time.perf_counter() - t0)
-    backbone.train()
-    return statistics.median(times), size, len(trainer.test_set)
+    return statistics.median(times), size, len(test_set)
 
 
 def check_counts(*, steps: int, warmup: int, eval_batches: int) -> None:
@@ -76,15 +73,16 @@ def check_counts(*, steps: int, warmup: int, eval_batches: int) -> None:
 
 
 def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Path = Path("data"), eval_batches: int = 0) -> str:
+    from dis_core.solver import Solver
     from dis_core.trainer import Trainer
 
     check_counts(steps=steps, warmup=warmup, eval_batches=eval_batches)
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(resolved, registry, Path(tmp) / "bench", data_dir=data_dir)
+        solver = Solver.build(resolved, registry, data_dir)
+        trainer = Trainer(resolved, registry, Path(tmp) / "bench", solver=solver)
         # The step's matmuls run in the run's precision (bf16 = autocast), so that is the ceiling.
-        dtype = torch.bfloat16 if trainer.precision == "bf16" else torch.float32
-        peak = matmul_peak_gflops(dtype=dtype, device=trainer.device)
+        peak = matmul_peak_gflops(dtype=solver.dtype, device=solver.device)
         for _ in range(warmup):
             trainer.train_step()
         times = []
@@ -93,29 +91,30 @@ def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Pat
             trainer.train_step()
             times.append(time.perf_counter() - t0)
         # The machine may be shared: take the better of two peak measurements around the steps.
-        peak = max(peak, matmul_peak_gflops(dtype=dtype, device=trainer.device))
-        evaluated = time_eval(trainer, eval_batches) if eval_batches else None
-    med = statistics.median(times)
-    batch = resolved.recipe.train.global_batch_size
-    cost = trainer.cost
+        peak = max(peak, matmul_peak_gflops(dtype=solver.dtype, device=solver.device))
+        evaluated = time_eval(solver, eval_batches) if eval_batches else None
+    train = resolved.recipe.train
+    med, batch, world = statistics.median(times), train.global_batch_size, dist.world_size()
+    micro, _ = dist.accumulation(batch, world, train.micro_batch_size)
+    cost = solver.cost
     gflops = cost.train_flops * batch / med / 1e9
     lines = [
         f"recipe              {resolved.source}",
-        f"device / threads    {trainer.device} / {torch.get_num_threads()}, precision {trainer.precision}"
-        f"{', compiled (train.compile)' if resolved.recipe.train.compile else ''}",
-        f"batch               {batch} (x {trainer.world} processes)",
+        f"device / threads    {solver.device} / {torch.get_num_threads()}, precision {solver.precision}"
+        f"{', compiled (train.compile)' if train.compile else ''}",
+        f"batch               {batch} (x {world} processes)",
         f"step time           median {med * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms over {steps} steps",
         f"throughput          {batch / med:.1f} examples x steps / s",
         f"network calls       {cost.calls} per step ({cost.grad_calls} with grad), {cost.calls * batch / med:.0f} calls / s",
-        f"achieved            {gflops:.1f} GFLOP/s = {100 * gflops / peak:.0f}% of the measured {trainer.precision} matmul peak {peak:.1f} GFLOP/s",
+        f"achieved            {gflops:.1f} GFLOP/s = {100 * gflops / peak:.0f}% of the measured {solver.precision} matmul peak {peak:.1f} GFLOP/s",
         f"peak memory (RSS)   {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB for the whole process "
-        f"(micro-batch {trainer.micro_batches[0].stop - trainer.micro_batches[0].start} slots per process)",
+        f"(micro-batch {micro} slots per process)",
         f"load average        {os.getloadavg()[0]:.2f} (figures from a busy machine are not comparable)",
     ]
     if evaluated:
         per_batch, size, total = evaluated
         whole = math.ceil(total / size) * per_batch
         lines.insert(-1, f"evaluation          {size / per_batch:.1f} test examples / s ({size} per batch, "
-                         f"{trainer.comp.halting.max_steps} steps each); the {total} test examples take "
+                         f"{solver.halting.max_steps} steps each); the {total} test examples take "
                          f"{whole / 3600:.2f} h on this machine ({whole:.0f} s)")
     return "\n".join(lines)

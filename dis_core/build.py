@@ -2,7 +2,8 @@
 
 The slots (`dis_core.slots`) are built in table order. The first is the task; every later
 factory sees it (and its spec) through the BuildContext, and can build further components
-through the registry with `ctx.build`.
+through the registry with `ctx.build`. Factories also learn the process's rank and the world size
+(the process group's; 0 and 1 before one starts or without one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from dis_core import engine as dist
 from dis_core.errors import UserError
 from dis_core.interfaces import BuildContext
 from dis_core.recipe import ResolvedRecipe
@@ -27,23 +29,29 @@ class Components:
     evaluators: dict[str, Any]  # evaluator name -> Evaluator, in recipe order (a `many` slot)
     make_optimizer: Any  # OptimizerFactory
     resolved: ResolvedRecipe
+    # Recipe path -> component ("task", "evaluators[0]", ...), in slot order: what code that
+    # must handle every kind, those it does not know included, goes through (checkpoints, run.json).
+    by_path: dict[str, Any]
 
-    def __init__(self, parts: dict[str, Any], resolved: ResolvedRecipe):
+    def __init__(self, parts: dict[str, Any], resolved: ResolvedRecipe, by_path: dict[str, Any] | None = None):
         vars(self).update(parts)
         self.resolved = resolved
+        self.by_path = dict(by_path or {})
 
     def __repr__(self) -> str:
-        return f"Components({', '.join(k for k in vars(self) if k != 'resolved')})"
+        return f"Components({', '.join(k for k in vars(self) if k not in ('resolved', 'by_path'))})"
 
 
 def build_components(resolved: ResolvedRecipe, registry, data_dir: Path) -> Components:
     recipe = resolved.recipe
     ctx = BuildContext(seed=recipe.train.seed, n_sup=recipe.supervision.n_sup, data_dir=Path(data_dir),
-                       source=resolved.source, registry=registry)
+                       source=resolved.source, registry=registry, rank=dist.rank(), world_size=dist.world_size())
     parts: dict[str, Any] = {}
+    by_path: dict[str, Any] = {}
     for slot, path, spec in resolved.components():
         entry = registry.get(slot.kind, spec.name)
         built = registry.make(entry, resolved.configs[path], attrs.evolve(ctx, component=f"$.{path}"))
+        by_path[path] = built
         if slot.many:
             parts.setdefault(slot.attribute, {})[spec.name] = built
         else:
@@ -53,7 +61,7 @@ def build_components(resolved: ResolvedRecipe, registry, data_dir: Path) -> Comp
     for slot in resolved.slots:
         if slot.many:
             parts.setdefault(slot.attribute, {})  # a `many` slot the recipe leaves empty
-    comp = Components(parts, resolved)
+    comp = Components(parts, resolved, by_path)
     halting = parts.get("halting")
     if halting is not None and halting.max_steps > recipe.supervision.n_sup:
         raise UserError(

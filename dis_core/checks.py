@@ -5,8 +5,8 @@ later on (or training on silently wrong data).
 Where each runs (cheap checks only: shapes, dtypes, and one min/max-style pass over the values):
   task batches       `BatchCheck`, in `dis_core.data.fetch` (every batch, training and test)
   target frames      `FramesCheck`, when slots are refilled and in the targets report
-  backbone outputs,  `check_step_output`, `check_halt`, `check_metrics`: in `dis check` and
-  halting, metrics   `dis_core.testing`, which add what costs more (determinism, merging states)
+  backbone outputs,  `check_state`, `check_step_output`, `check_halt`, `check_metrics`: in `dis check`
+  halting, metrics   and `dis_core.testing`, which add what costs more (determinism, merging states)
 """
 
 from __future__ import annotations
@@ -185,28 +185,73 @@ class Boundary:
         )
 
 
-def check_step_output(out: Any, *, batch: int, seq_len: int, vocab_size: int, prefix_len: int, hidden_size: int, who) -> tuple:
+_UNSET = object()
+
+
+def _state_tensors(state: Any) -> tuple | None:
+    """The tensors of a backbone state (None, a tensor, a tuple of tensors); None if it is none of those."""
+    if state is None:
+        return ()
+    if torch.is_tensor(state):
+        return (state,)
+    if isinstance(state, (tuple, list)) and all(torch.is_tensor(t) for t in state):
+        return tuple(state)
+    return None
+
+
+def _structure(state: Any) -> str:
+    """How a state reads in a message, and what two states of one structure and shapes share."""
+    if state is None:
+        return "None"
+    if torch.is_tensor(state):
+        return f"a tensor of shape {_shape(state)}"
+    return f"a tuple of {len(state)} tensors of shapes {', '.join(str(_shape(t)) for t in state)}"
+
+
+def check_state(state: Any, batch: int, who, method: str = "initial_state") -> tuple:
+    """A backbone's state (from `initial_state` or `forward`): None, a tensor or a tuple of
+    tensors, each with the B slots first (the carry refills slots row by row). Returns its tensors."""
+    tensors = _state_tensors(state)
+    if tensors is None:
+        raise _fail(who, f"a state of type {type(state).__name__} from {method}; expected None, a tensor or a tuple of tensors")
+    for t in tensors:
+        if t.dim() == 0 or t.shape[0] != batch:
+            raise _fail(who, f"a state tensor of shape {_shape(t)} from {method}; every tensor of the state has the {batch} slots first")
+    return tensors
+
+
+def check_step_output(out: Any, *, batch: int, seq_len: int, vocab_size: int, who, start: Any = _UNSET,
+                      prefix_len: int | None = None, hidden_size: int | None = None) -> tuple:
     """A backbone's `forward` result (docs/hooks.md, "register_backbones(register)"): returns
-    (state, logits, q, extra_losses) when it is ((y, z), (B, L, V) logits, (B, 2) fp32 q[, {name: (B,)}])."""
-    B, L, V, S, D = batch, seq_len, vocab_size, prefix_len + seq_len, hidden_size
+    (state, logits, q, extra_losses) when it is (state, (B, L, V) logits, (B, 2) fp32 q-logits or
+    None[, {name: (B,)}]). The state is None, a tensor or a tuple of tensors, each with the B slots
+    first; given `start` (the state the call began from, `initial_state`'s), the new state must have
+    its structure and shapes. Without `start`, `prefix_len` and `hidden_size` check a pair (y, z)
+    against (B, prefix_len + seq_len, hidden_size), as callers written before the state was generic do."""
+    B, L, V = batch, seq_len, vocab_size
     if not isinstance(out, (tuple, list)) or len(out) not in (3, 4):
         n = f" of {len(out)} items" if isinstance(out, (tuple, list)) else ""
-        raise _fail(who, f"a {type(out).__name__}{n} from forward; expected ((y, z), logits, q_logits) or "
-                         f"((y, z), logits, q_logits, extra_losses)")
+        raise _fail(who, f"a {type(out).__name__}{n} from forward; expected (state, logits, q_logits) or "
+                         f"(state, logits, q_logits, extra_losses)")
     state, logits, q = out[:3]
     extra = out[3] if len(out) == 4 else {}
-    if not (isinstance(state, (tuple, list)) and len(state) == 2 and all(torch.is_tensor(t) for t in state)):
-        raise _fail(who, f"a state of type {type(state).__name__} from forward; expected (y, z), two tensors of shape ({B}, {S}, {D})")
-    for part, t in zip("yz", state):
-        if _shape(t) != (B, S, D):
-            raise _fail(who, f"{part} of shape {_shape(t)} from forward; expected ({B}, {S}, {D}) = (batch, prefix_len + seq_len, hidden_size)")
+    tensors = check_state(state, B, who, "forward")
+    if start is not _UNSET:
+        if _structure(state) != _structure(start):
+            raise _fail(who, f"a state that is {_structure(state)} from forward, starting from {_structure(start)}; "
+                             f"forward returns a state of the structure and shapes initial_state gives")
+    elif prefix_len is not None and hidden_size is not None and isinstance(state, (tuple, list)) and len(tensors) == 2:
+        S, D = prefix_len + seq_len, hidden_size
+        for part, t in zip("yz", tensors):
+            if _shape(t) != (B, S, D):
+                raise _fail(who, f"{part} of shape {_shape(t)} from forward; expected ({B}, {S}, {D}) = (batch, prefix_len + seq_len, hidden_size)")
     if not torch.is_tensor(logits) or _shape(logits) != (B, L, V) or not logits.is_floating_point():
         got = f"of shape {_shape(logits)} and dtype {logits.dtype}" if torch.is_tensor(logits) else f"as a {type(logits).__name__}"
         raise _fail(who, f"logits {got} from forward; expected floating ({B}, {L}, {V}) = (batch, task seq_len, vocab_size), "
                          f"over the task positions only")
-    if not torch.is_tensor(q) or _shape(q) != (B, 2) or q.dtype != torch.float32:
+    if q is not None and (not torch.is_tensor(q) or _shape(q) != (B, 2) or q.dtype != torch.float32):
         got = f"of shape {_shape(q)} and dtype {q.dtype}" if torch.is_tensor(q) else f"as a {type(q).__name__}"
-        raise _fail(who, f"q_logits {got} from forward; expected float32 ({B}, 2) = [halt, continue]")
+        raise _fail(who, f"q_logits {got} from forward; expected float32 ({B}, 2) = [halt, continue], or None without a q-head")
     if not isinstance(extra, Mapping):
         raise _fail(who, f"extra losses as a {type(extra).__name__}; expected a dict {{name: ({B},) tensor}}")
     for name, t in extra.items():

@@ -107,7 +107,13 @@ def make_parser() -> argparse.ArgumentParser:
 def plugin_rows(registry) -> list[dict]:
     """`dis plugins --json`: a row per component, in the slot table's order (with the recipe key
     that names its kind), then a row per broken plugin."""
-    rows = [{**e.record(), "doc": e.doc, "recipe_key": registry.slot(e.kind).key} for e in registry.entries()]
+    from dis_core.registry import contract_notes
+
+    notes: dict[tuple, list[str]] = {}
+    for entry, note in contract_notes(registry):  # a plugin written against an older contract
+        notes.setdefault((entry.kind, entry.name), []).append(note)
+    rows = [{**e.record(), "doc": e.doc, "recipe_key": registry.slot(e.kind).key, "contract": notes.get((e.kind, e.name), [])}
+            for e in registry.entries()]
     # A broken plugin's components are unknown: one row for the plugin, with "broken" set.
     rows += [{"kind": None, "name": None, "plugin": b.name, "version": b.version, "doc": "", "broken": b.error,
               "entry_point": b.entry_point, "distribution": b.distribution} for b in registry.broken]
@@ -197,41 +203,12 @@ def _train(args, registry, resolved, out: Path) -> int:
     if args.resume:
         _check_resume_recipe(out, resolved)
     trainer = Trainer(resolved, registry, out, data_dir=args.data_dir, resume=args.resume, command=" ".join(sys.argv))
-    summary = _finished_summary(trainer, out) if args.resume and trainer.step >= trainer.total_steps else None
-    if summary is not None:
-        if trainer.rank == 0:
-            print(f"{out} finished at step {trainer.step} already; nothing to do (train longer with "
-                  f"--resume --set train.steps=N)", file=sys.stderr)
-    else:
-        summary = trainer.fit(registry)
-    if trainer.rank == 0:
+    summary = trainer.fit(registry)
+    if _rank_world()[0] == 0:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if not is_per_step(k)}
         print(json.dumps(shown, indent=2))
         print(f"run directory: {out}", file=sys.stderr)
     return 0
-
-
-def _finished_summary(trainer, out: Path) -> dict | None:
-    """The summary of a resumed run that had already reached its last step, so that resuming it
-    adds no second final evaluation. Rebuilt from the logged final evaluation when the run was
-    killed between that and writing summary.json; None if the evaluation itself is missing."""
-    from dis_core.runinfo import count_params
-
-    summary_file = out / "summary.json"
-    if summary_file.is_file():
-        try:
-            summary = json.loads(summary_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            summary = None
-        if isinstance(summary, dict) and summary.get("step") == trainer.step:
-            return summary
-    row = trainer.run.eval_row(trainer.step)
-    if row is None:
-        return None
-    summary = {"step": trainer.step, **{k: v for k, v in row.items() if k not in ("step", "split")},
-               "params": count_params(trainer.comp.backbone)}
-    trainer.run.write_json("summary.json", summary)
-    return summary
 
 
 # Extending a run (more steps, other intervals) is fine; changing what it trains is not. Trackers

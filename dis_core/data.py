@@ -4,7 +4,8 @@ A stream is an endless sequence of example indices, cut into global batches: glo
 covers stream positions [g*G, (g+1)*G) and rank r owns the r-th contiguous slice of it. So two
 processes with half the batch each see exactly the examples one process sees, and nothing is
 dropped at a pass boundary. A halted slot (ACT) simply takes the next index of its rank's
-stream: nothing is loaded and thrown away. Two orders (`train.sampler`):
+stream: nothing is loaded and thrown away. Both orders (`train.sampler`) are `Stream`s
+(dis_core.interfaces):
 
 - `ExampleStream` ("examples"): seeded per-epoch permutations of the individual examples.
 - `GroupStream` ("groups"): the reference TRM/DIS sampler. A pass is a seeded permutation of the
@@ -21,7 +22,7 @@ import torch
 
 from dis_core.checks import BatchCheck
 from dis_core.errors import PluginError, UserError
-from dis_core.interfaces import Batch, Dataset, GroupedDataset, PuzzleGroups
+from dis_core.interfaces import Batch, Dataset, GroupedDataset, PuzzleGroups, Stream
 
 
 def _global_positions(taken: int, k: int, local_batch: int, global_batch: int, rank: int) -> np.ndarray:
@@ -170,8 +171,8 @@ def check_groups(groups: PuzzleGroups, size: int, task: str) -> None:
         raise PluginError(f"task {task!r}: its training split's groups() is malformed: " + "; ".join(problems))
 
 
-def make_stream(dataset: Dataset, sampler: str, global_batch: int, rank: int, world: int, seed: int, task: str):
-    """The training stream `train.sampler` asks for: "groups" needs the split's optional
+def make_stream(dataset: Dataset, sampler: str, global_batch: int, rank: int, world: int, seed: int, task: str) -> Stream:
+    """The training stream (a `Stream`) `train.sampler` asks for: "groups" needs the split's optional
     `groups()`, "auto" uses it when the split has it, "examples" never does."""
     groups = dataset.groups() if sampler != "examples" and isinstance(dataset, GroupedDataset) else None
     if sampler == "groups" and groups is None:

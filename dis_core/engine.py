@@ -229,11 +229,12 @@ def _table_problems(user: dict, cfg: dict) -> list[tuple[str, str]]:
     return out
 
 
-def deepspeed_config(user: dict, *, global_batch: int, world: int, precision: str, grad_clip: float, micro_batch: int | None = None) -> dict:
-    """The DeepSpeed config: our batch bookkeeping and precision, then the recipe's
-    `[deepspeed]` table on top (so experts can set ZeRO stages, comms options, ...). Every key
-    whose DeepSpeed default would change training is written explicitly. A recipe is checked
-    against the same rules when it is loaded (`deepspeed_problems`)."""
+def deepspeed_config(user: dict, *, global_batch: int, world: int, grad_clip: float, micro_batch: int | None = None) -> dict:
+    """The DeepSpeed config: our batch bookkeeping, then the recipe's `[deepspeed]` table on top
+    (so experts can set ZeRO stages, comms options, ...). Every key whose DeepSpeed default would
+    change training is written explicitly. The precision is not DeepSpeed's: bf16 is autocast
+    inside the supervision step (dis_core.solver), so DeepSpeed's own modes stay off whatever it
+    is. A recipe is checked against the same rules when it is loaded (`deepspeed_problems`)."""
     cfg = _base_config(global_batch=global_batch, world=world, grad_clip=grad_clip, micro_batch=micro_batch)
     problems = _table_problems(user, cfg)
     if problems:

@@ -10,6 +10,9 @@ Anything else is a bug and shows its traceback.
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 
 class DisError(Exception):
     """Base class of every error dis raises on purpose."""
@@ -68,6 +71,20 @@ class RunDirError(UserError):
 
 class CheckpointError(UserError):
     """No checkpoint can be loaded (or one cannot be written); names the files or tensors."""
+
+
+class DisContractWarning(DeprecationWarning):
+    """A plugin was written against an older plugin contract: it lacks a member that a later
+    contract version added (dis_core.compat.ADDITIONS). It keeps working with the documented
+    default; the message says what to add and from which contract version it is required."""
+
+
+# A DeprecationWarning is hidden outside `__main__` by default; this one is addressed to whoever
+# runs dis with an outdated plugin, so show it (once per message and place), unless the user
+# chose warning filters themselves (`-W`, PYTHONWARNINGS: the pattern the warnings docs give).
+# pytest's own filters apply on top of this one.
+if not sys.warnoptions:
+    warnings.filterwarnings("default", category=DisContractWarning)
 
 
 class RunDiverged(DisError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,9 +27,11 @@ from dis_core.data import eval_chunks, fetch
 from dis_core.diagnostics import RolloutDiagnostics
 from dis_core.interfaces import EvalRecord
 from dis_core.logs import progress
-from dis_core.supervision import StepRule, has_readouts, rollout
+from dis_core.guidance import has_readouts
 
 log = structlog.get_logger()
+# Backbones already warned about having no readout: a run evaluates many times, and says it once.
+_NO_READOUT_SAID: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def eval_batch_size(requested: int, world: int) -> int:
@@ -47,21 +50,24 @@ def guidance_suffix(w: float) -> str:
 
 
 @torch.inference_mode()
-def evaluate(backbone: torch.nn.Module, puzzle_emb, dataset, evaluators: dict, rule: StepRule, halting, *,
-             batch_size: int, limit: int | None, device, generator: torch.Generator | None,
-             out_dir: Callable[[str], Path | None], bf16: bool = False, check=None,
+def evaluate(solver, dataset, *, batch_size: int, limit: int | None, generator: torch.Generator | None,
+             out_dir: Callable[[str], Path | None], check=None,
              guidance: Sequence[float] = (), readout: str = "step", margin: bool = False) -> dict[str, float]:
-    """`<evaluator>/<metric>` and `diagnostics/<metric>` metrics on rank 0 ({} elsewhere). The
-    caller sets eval mode (and swaps in EMA weights); `out_dir(name)` is where evaluator `name`
-    may write files; `check` (`dis_core.checks.Boundary.batch`) checks each test batch against
-    the task's spec. `guidance`: the w values to score besides the plain evaluation (w = 1);
-    `readout`: "step" or "cycle" (see `supervision.rollout`); `margin`: the Advantage Margin
-    rows, dropped with a warning if the backbone cannot read out before the step."""
+    """The `solver`'s evaluators over `dataset`: `<evaluator>/<metric>` and `diagnostics/<metric>`
+    metrics on rank 0 ({} elsewhere). The caller sets eval mode (`solver.evaluating()`, and swaps
+    in EMA weights); `out_dir(name)` is where evaluator `name` may write files; `check`
+    (`dis_core.checks.Boundary.batch`) checks each test batch against the task's spec.
+    `guidance`: the w values to score besides the plain evaluation (w = 1); `readout`: "step" or
+    "cycle" (see `supervision.rollout`); `margin`: the Advantage Margin rows, dropped if the
+    backbone cannot read out before the step (with a warning, once per backbone)."""
     rank, world = dist.rank(), dist.world_size()
+    backbone, evaluators = solver.backbone, solver.evaluators
     if "diagnostics" in evaluators:
         raise ValueError("'diagnostics' names the core's own metrics (diagnostics/*): name the evaluator otherwise")
     if margin and not has_readouts(backbone, readout):
-        log.warning("the backbone has no readout before its step: no advantage_margin rows", backbone=type(backbone).__name__)
+        if backbone not in _NO_READOUT_SAID:
+            _NO_READOUT_SAID.add(backbone)
+            log.warning("the backbone has no readout before its step: no advantage_margin rows", backbone=type(backbone).__name__)
         margin = False
     sweep = [float(w) for w in dict.fromkeys(guidance)]
     calls = backbone.calls_per_step()[0]
@@ -76,11 +82,9 @@ def evaluate(backbone: torch.nn.Module, puzzle_emb, dataset, evaluators: dict, r
     batch_size = eval_batch_size(batch_size, world)
     with progress(math.ceil(size / batch_size), "eval", rank=rank, unit="batch") as bar:
         for idx, n_real in eval_chunks(size, batch_size, rank, world):
-            batch = fetch(dataset, idx, device, check)
-            emb = puzzle_emb(batch["puzzle_ids"]) if puzzle_emb is not None else None
+            batch = fetch(dataset, idx, solver.device, check)
             for key in sets:
-                out = rollout(backbone, batch, rule, halting, puzzle_emb=emb, generator=generator, bf16=bf16,
-                              guidance=1.0 if key is None else key, readout=readout, margin=margin)
+                out = solver.rollout(batch, generator=generator, guidance=1.0 if key is None else key, readout=readout, margin=margin)
                 if not n_real:
                     continue
                 record = EvalRecord(
@@ -100,9 +104,25 @@ def evaluate(backbone: torch.nn.Module, puzzle_emb, dataset, evaluators: dict, r
             if rank != 0:
                 continue
             where = out_dir(name if key is None else f"{name}{suffix}") if name != "diagnostics" else None
-            found = ev.compute(states, where) if name != "diagnostics" else ev.compute(states)
+            found = compute_into(ev, states, where) if name != "diagnostics" else ev.compute(states)
             metrics |= {f"{name}/{k}{suffix}": float(v) for k, v in found.items()}
     if 1.0 in sweep and rank == 0:  # w = 1 is the plain rollout: its set is a copy under the sweep's names
         plain = [k for k in metrics if "@w=" not in k]
         metrics |= {f"{k}{guidance_suffix(1.0)}": metrics[k] for k in plain}
     return metrics
+
+
+def compute_into(evaluator, states: list, where: Path | None) -> dict[str, float]:
+    """`evaluator.compute(states, where)` with `where` created first, as contract 1.0 promised
+    (an evaluator may write there without making it), and removed again when it stayed empty, so
+    that a run has no empty evaluation folders."""
+    if where is None:
+        return evaluator.compute(states, where)
+    made = [p for p in (where, *where.parents) if not p.exists()]  # innermost first
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        return evaluator.compute(states, where)
+    finally:
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()

@@ -6,8 +6,9 @@ the run kept them, else the trained ones, read from the DeepSpeed file `mp_rank_
 (its `module` entry; the puzzle table comes from the client state saved beside it). No optimizer
 and no DeepSpeed engine are built.
 
-Prediction and evaluation go through the code training uses: `dis_core.supervision.rollout`
-runs the supervision steps and `dis_core.evaluation.evaluate` scores a split (sliced over the
+Prediction and evaluation go through the code training uses: the recipe's `Solver`
+(dis_core.solver: the components, puzzle table, rule, device and precision, built as training
+builds them) runs the supervision steps and `dis_core.evaluation.evaluate` scores a split (sliced over the
 processes of a `torchrun` launch, merged on rank 0), so `dis eval` on a finished run gives the
 metrics of the run's final evaluation exactly (same batch size, limit and precision).
 
@@ -38,7 +39,7 @@ from dis_core import checkpoint as ckpt
 from dis_core import engine as dist
 from dis_core.errors import CheckpointError, DataError, PluginError, UserError
 from dis_core.interfaces import IGNORE, AnswerCheckingTask, Batch, GivensCheckingTask, PuzzleIO
-from dis_core.supervision import Rollout, StepRule, rollout
+from dis_core.supervision import Rollout
 
 log = structlog.get_logger()
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -174,37 +175,41 @@ def _check_same_checkpoint(ckpt_dir: Path, saved: dict, device: torch.device) ->
 
 
 class Model:
-    """A trained model ready to predict and evaluate; see `load`."""
+    """A trained model ready to predict and evaluate; see `load`. Its `solver` (the components,
+    puzzle table, step rule, device and precision the recipe builds) holds the checkpoint's weights."""
 
-    def __init__(self, *, resolved, registry, components, saved: dict, run_dir: Path, checkpoint: Path,
-                 device: torch.device, data_dir: Path, overrides: tuple[str, ...], weights: str):
-        from dis_core.puzzle_embedding import PuzzleEmbedding
-
-        self.resolved, self.registry, self.components = resolved, registry, components
+    def __init__(self, *, solver, resolved, registry, saved: dict, run_dir: Path, checkpoint: Path, data_dir: Path,
+                 overrides: tuple[str, ...], weights: str):
+        self.solver, self.resolved, self.registry = solver, resolved, registry
         self.recipe = resolved.recipe
-        self.run_dir, self.checkpoint, self.device, self.data_dir = run_dir, checkpoint, device, data_dir
+        self.run_dir, self.checkpoint, self.data_dir = run_dir, checkpoint, data_dir
         self.overrides, self._saved = overrides, saved
-        self.task, self.spec = components.task, components.task.spec
-        self.halting, self.evaluators = components.halting, components.evaluators
-        self.rule = StepRule.of(self.recipe.supervision)
         self.step = saved["step"]
-        self.bf16 = dist.resolve_precision(self.recipe.train.precision, device) == "bf16"
         use_ema = weights == "ema" or (weights == "auto" and saved["ema"] is not None)
         if use_ema and saved["ema"] is None:
             raise CheckpointError(f"{checkpoint}: no {EMA_FILE} (the run trained without train.ema)")
         self.weights = "ema" if use_ema else "trained"
-        self.backbone = components.backbone
-        _load_into(self.backbone, _backbone_state(saved["ema"] if use_ema else saved["module"]), checkpoint,
+        _load_into(solver.backbone, _backbone_state(saved["ema"] if use_ema else saved["module"]), checkpoint,
                    EMA_FILE if use_ema else f"{MODEL_FILE} module")
-        self.backbone.to(device).eval()
-        ndim = self.backbone.puzzle_emb_ndim
-        self.puzzle_emb = None
-        if ndim:
+        if solver.puzzle_emb is not None:
             if saved["puzzle_emb"] is None:
                 raise CheckpointError(f"{checkpoint}: the backbone uses a puzzle embedding but the checkpoint holds no puzzle table")
-            self.puzzle_emb = PuzzleEmbedding(self.spec.num_puzzle_ids, ndim)
-            _load_into(self.puzzle_emb, saved["puzzle_emb"], checkpoint, "puzzle table")
-            self.puzzle_emb.to(device).eval()
+            _load_into(solver.puzzle_emb, saved["puzzle_emb"], checkpoint, "puzzle table")
+        for module in (solver.backbone, solver.puzzle_emb):
+            if module is not None:
+                module.eval()
+
+    # What the solver is made of, under the names `Model` has always had.
+    components = property(lambda self: self.solver.components)
+    task = property(lambda self: self.solver.task)
+    spec = property(lambda self: self.solver.spec)
+    halting = property(lambda self: self.solver.halting)
+    evaluators = property(lambda self: self.solver.evaluators)
+    rule = property(lambda self: self.solver.rule)
+    backbone = property(lambda self: self.solver.backbone)
+    puzzle_emb = property(lambda self: self.solver.puzzle_emb)
+    device = property(lambda self: self.solver.device)
+    bf16 = property(lambda self: self.solver.bf16)
 
     def __repr__(self) -> str:
         return (f"Model({self.recipe.task.name}/{self.recipe.backbone.name}, checkpoint={str(self.checkpoint)!r}, "
@@ -240,11 +245,9 @@ class Model:
         is the paper's w (Eq. 5): answers from (1 - w) l_u + w l_c, the recipe's `eval.readout`."""
         check_guidance(guidance)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        emb = self.puzzle_emb(batch["puzzle_ids"]) if self.puzzle_emb is not None else None
         with torch.inference_mode():
-            return rollout(self.backbone, batch, self.rule, self.halting, puzzle_emb=emb,
-                           max_steps=self.check_steps(steps), bf16=self.bf16, guidance=guidance,
-                           readout=self.recipe.eval.readout)
+            return self.solver.rollout(batch, max_steps=self.check_steps(steps), guidance=guidance,
+                                       readout=self.recipe.eval.readout)
 
     def encode(self, puzzles: Sequence[Any], *, offset: int = 0) -> dict[str, np.ndarray]:
         """The task's `encode_inputs(puzzles)`, or, for a task without it, lists of L token ids.
@@ -359,10 +362,9 @@ class Model:
 
         started = time.perf_counter()
         metrics = evaluation.evaluate(
-            self.backbone, self.puzzle_emb, dataset, self.evaluators, self.rule, self.halting,
-            batch_size=batch_size or self.eval_batch_size(), limit=limit if limit is not None else train.eval_limit,
-            device=self.device, generator=torch.Generator().manual_seed(train.seed), out_dir=ev_dir, bf16=self.bf16,
-            **evaluation.options(self.recipe.eval),
+            self.solver, dataset, batch_size=batch_size or self.eval_batch_size(),
+            limit=limit if limit is not None else train.eval_limit, generator=torch.Generator().manual_seed(train.seed),
+            out_dir=ev_dir, **evaluation.options(self.recipe.eval),
         )
         if rank == 0 and out is not None:
             import json
@@ -430,15 +432,14 @@ def _token_rows(puzzles: Sequence[Any], length: int, task: str, offset: int = 0)
 
 def _build(run_dir: Path, ckpt_dir: Path, saved: dict, registry, overrides: tuple[str, ...], data_dir: Path,
            device: torch.device, weights: str) -> Model:
-    from dis_core.build import build_components
     from dis_core.recipe import load_recipe
+    from dis_core.solver import Solver
 
     # The run's [[loggers]] are left out: evaluating or predicting reports to no tracker.
     resolved = load_recipe(run_dir / "recipe.toml", registry, ["loggers=[]", *overrides])
-    torch.manual_seed(resolved.recipe.train.seed)  # as the trainer: a component that draws at build time draws the same
-    components = build_components(resolved, registry, data_dir)
-    return Model(resolved=resolved, registry=registry, components=components, saved=saved, run_dir=run_dir,
-                 checkpoint=ckpt_dir, device=device, data_dir=data_dir, overrides=overrides, weights=weights)
+    solver = Solver.build(resolved, registry, data_dir, device=device)
+    return Model(solver=solver, resolved=resolved, registry=registry, saved=saved, run_dir=run_dir, checkpoint=ckpt_dir,
+                 data_dir=data_dir, overrides=overrides, weights=weights)
 
 
 def load(source: str | Path, *, set_overrides: Iterable[str] = (), data_dir: str | Path = "data",
@@ -460,8 +461,4 @@ def load(source: str | Path, *, set_overrides: Iterable[str] = (), data_dir: str
     device = torch.device(device) if device is not None else dist.pick_device()
     _init_processes(device)
     _check_same_checkpoint(ckpt_dir, saved, device)
-    model = _build(run_dir, ckpt_dir, saved, registry, tuple(set_overrides), Path(data_dir), device, weights)
-    threads = model.recipe.train.threads
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(threads)  # as the trainer did: the same kernels, the same sums
-    return model
+    return _build(run_dir, ckpt_dir, saved, registry, tuple(set_overrides), Path(data_dir), device, weights)

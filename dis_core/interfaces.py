@@ -94,6 +94,26 @@ class Task(Protocol):
 
 
 @runtime_checkable
+class Stream(Protocol):
+    """The endless order in which one rank takes training examples (`train.sampler`;
+    dis_core.data.make_stream builds it). Owned by the trainer; a checkpoint holds its position."""
+
+    sampler: str  # the order's name: "examples" or "groups" (run.json; resuming checks it)
+
+    def take(self, k: int) -> np.ndarray:
+        """The next k (K,) int64 indices of the training split, in this rank's order."""
+        ...
+
+    def epochs_done(self) -> float:
+        """Passes over the training split by all ranks together (`train/epoch`)."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
 class SolverTrajectoryTask(Protocol):
     """Optional capability: a task that can produce solver-ordered intermediate answers."""
 
@@ -155,7 +175,7 @@ class RenderableTask(Protocol):
 
     def render_grid(self, tokens: np.ndarray, question: np.ndarray | None) -> Any:
         """(L,) tokens -> (H, W, 3) uint8 RGB, or a dict with "rgb" and optional "text",
-        "text_colors", "boxes" (see dis_core/trajectories.py)."""
+        "text_rgb", "boxes" (see dis_core/trajectories.py)."""
         ...
 
 
@@ -205,8 +225,11 @@ class HaltingStrategy(Protocol):
 
     The trainer owns the carry (slot states, step counters); the strategy only decides.
 
+    `uses_continue_loss` and `continue_loss` were added in contract 1.1 and stay optional: a
+    strategy without them has no Q-continue loss (`dis_core.compat.uses_continue_loss`).
+
     Optional (`AnswerAwareHalting`): `uses_answer = True` makes evaluation call
-    `halt(..., answer=answer)` with a `dis_core.supervision.Answer` (the step's logits, mean
+    `halt(..., answer=answer)` with a `dis_core.guidance.Answer` (the step's logits, mean
     top-class probability, steps the argmax has not changed), for rules that stop on the answer
     itself (`fixed`'s `eval_halt`).
     """
@@ -216,7 +239,8 @@ class HaltingStrategy(Protocol):
     uses_continue_loss: bool  # whether `continue_loss` is added (costs one more no-grad forward)
 
     def halt(self, steps: torch.Tensor, q_logits: torch.Tensor, *, training: bool, generator: torch.Generator) -> torch.Tensor:
-        """steps (B,) int64 steps done so far (>= 1), q_logits (B, 2) fp32 [halt, continue]
+        """steps (B,) int64 steps done so far (>= 1), q_logits (B, 2) fp32 [halt, continue], or
+        None when the backbone has no q-head (only for a strategy whose `uses_q_head` is False)
         -> (B,) bool, True where the slot halts now."""
         ...
 
@@ -233,36 +257,35 @@ class HaltingStrategy(Protocol):
 
 @runtime_checkable
 class Backbone(Protocol):
-    """The recursive network: one `forward` call is one supervision step.
+    """The network: one `forward` call is one supervision step.
 
     A plain nn.Module that knows nothing of ranks or DeepSpeed. It owns its parameters and
-    its fixed init buffers; the trainer owns the recurrent state between calls.
+    its fixed init buffers; the trainer owns the state carried between calls (the carry), and
+    the core never looks inside it. The state is whatever the backbone chooses: (y, z) each
+    (B, S, D) for `trm` and `hrm`, one tensor, or None for a backbone that carries nothing from
+    one step to the next (a plain Transformer). Every tensor of it has the slots (B) as its first
+    dimension, and `forward` returns a state of the structure and shapes `initial_state` gives.
+    A halting head is optional (`HaltingHead`); the building blocks of `trm` and `hrm` are public
+    (`dis_plugins.backbones.layers`, docs/hooks.md).
     """
 
-    hidden_size: int
+    hidden_size: int  # D
     prefix_len: int  # P: puzzle-embedding positions prepended to the L task positions
     # Width E of the per-puzzle vector forward expects; 0 = none. The trainer owns the table
     # (one row per puzzle id, sign-SGD) and passes the batch's rows.
     puzzle_emb_ndim: int
-    # The halting head (D -> 2). The trainer freezes it when the halting strategy does not use
-    # it, so that no optimizer touches a head that gets no gradient.
-    q_head: torch.nn.Module
 
-    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y, z), each (B, S, D): the state a freshly filled slot starts from."""
+    def initial_state(self, batch_size: int) -> Any:
+        """The state a freshly filled slot starts from: (y, z) each (B, S, D) for trm/hrm, a
+        tensor (B, ...), or None (nothing carried)."""
         ...
 
-    def forward(
-        self,
-        state: tuple[torch.Tensor, torch.Tensor],
-        tokens: torch.Tensor,
-        step: torch.Tensor,
-        puzzle_emb: torch.Tensor | None = None,
-    ) -> tuple:
-        """state (y, z) each (B, S, D); tokens (B, L) int64; step (B,) int64 1-based step
-        index; puzzle_emb (B, E) or None -> (new state (not detached), logits (B, L, V),
-        q_logits (B, 2) fp32), optionally followed by a dict {name: (B,) per-slot loss} of
-        extra losses that the supervision step adds to the token loss (a loss on z, say)."""
+    def forward(self, state: Any, tokens: torch.Tensor, step: torch.Tensor, puzzle_emb: torch.Tensor | None = None) -> tuple:
+        """state as `initial_state` or the previous call gave it; tokens (B, L) int64; step (B,)
+        int64 1-based step index; puzzle_emb (B, E) or None -> (new state (not detached), logits
+        (B, L, V), q_logits (B, 2) fp32 [halt, continue], or None without a q-head), optionally
+        followed by a dict {name: (B,) per-slot loss} of extra losses that the supervision step
+        adds to the token loss (a loss on z, say; not named "ce", "halt" or "continue")."""
         ...
 
     def calls_per_step(self) -> tuple[int, int]:
@@ -274,10 +297,20 @@ class Backbone(Protocol):
         ...
 
     # Optional, for guidance (paper Eq. 5) and the Advantage Margin (Prop. 4.1) at evaluation
-    # (dis_core.supervision.rollout; `trm` and `hrm` have both; the core never trains with them):
-    #   decode(y) -> (B, L, V): f_O of an answer state (readout "step")
+    # (dis_core.guidance; `trm` and `hrm` have both; the core never trains with them):
+    #   decode(y) -> (B, L, V): f_O of an answer state (readout "step", `StepReadout`)
     #   forward_readouts(state, tokens, step, puzzle_emb=None) -> (state, logits, q_logits,
-    #       logits of y just before the step's last y-update) (readout "cycle")
+    #       logits of y just before the step's last y-update) (readout "cycle", `CycleReadout`)
+
+
+@runtime_checkable
+class HaltingHead(Protocol):
+    """A backbone with a halting head, whose forward returns its q-logits. A halting strategy
+    with `uses_q_head` needs one (the step refuses the pair otherwise, before training); when
+    the strategy does not use it, the supervision step freezes it, so that no optimizer touches
+    a head that gets no gradient."""
+
+    q_head: torch.nn.Module  # D -> 2 [halt, continue]
 
 
 @attrs.frozen(kw_only=True)
@@ -303,8 +336,9 @@ class Evaluator(Protocol):
     `headline` names the one metric that answers "how well does it solve the task" (without the
     prefix, e.g. "valid_solution_rate", "pass@2"): the trainer records it in run.json
     (`headline_metrics`) and `dis compare` plots the first evaluator's headline by default.
-    An evaluator without it still works; compare then falls back to a validity or exact-match
-    metric.
+    Added in contract 1.1, required from 2.0: an evaluator without it still works, with a
+    `DisContractWarning`; the core reads it as `dis_core.compat.headline_of(evaluator)`, None
+    for such an evaluator, and compare then falls back to a validity or exact-match metric.
     """
 
     headline: str
@@ -361,8 +395,12 @@ class BuildContext:
     component: str = ""  # recipe path of the component being built ("$.evaluators[0]")
     config_path: str = ""  # recipe path of its config table, when not `<component>.config` (see `build`)
     source: str = ""  # the recipe file
-    # The dis_core.registry.Registry that `build` uses; None (a context made by hand, in a
-    # plugin's tests): the installed plugins, loaded when `build` is called.
+    # The process's place in a distributed run (contract 1.3): rank 0 of world_size 1 when it
+    # runs alone. A factory may shard data or quiet its output on rank != 0.
+    rank: int = 0
+    world_size: int = 1
+    # The dis_core.registry.Registry that `build` uses. The core always passes one; a context
+    # made by hand has none, and `build` then refuses (dis_core.testing.context passes one).
     registry: Any = attrs.field(default=None, repr=False, eq=False)
 
     @property
@@ -394,9 +432,13 @@ class BuildContext:
         its `component` moved to `at`) and its result checked. `at` is where the name stands
         relative to this component ("config.fallback"), `config_at` where the table stands
         (default `<at>.config`); an unknown name or a bad table is reported there."""
-        registry = self.registry
-        if registry is None:  # a context made by hand (a plugin's tests): the installed plugins
-            from dis_core.plugins import load_registry
-
-            registry = load_registry()
-        return registry.build(kind, name, config, self, at=at, config_at=config_at)
+        if self.registry is None:
+            # No silent fallback to the installed plugins: which registry builds is the caller's
+            # choice, and the contract layer does not load plugins.
+            raise PluginError(
+                f"{self.component or 'a factory'}: ctx.build({kind!r}, {name!r}) needs the BuildContext's registry, "
+                f"and this one has none. Pass it: BuildContext(..., registry=dis_core.plugins.load_registry()); in "
+                f"a plugin's tests, dis_core.testing.context(task) makes a context with the installed plugins' "
+                f"registry (or pass registry=load_registry(extra_plugins=(MyPlugin(),)))"
+            )
+        return self.registry.build(kind, name, config, self, at=at, config_at=config_at)

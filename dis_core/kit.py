@@ -32,8 +32,10 @@ import torch
 
 from dis_core import testing
 from dis_core.checks import Boundary, Who, check_metrics
+from dis_core.compat import headline_of
 from dis_core.data import fetch
 from dis_core.diagnostics import hamming_to_labels, target_report
+from dis_core.evaluation import compute_into
 from dis_core.errors import DisError, UserError
 from dis_core.interfaces import IGNORE, EvalRecord, RenderableTask
 from dis_core.selection import Choice, pick
@@ -102,11 +104,17 @@ def _positive(value: int, flag: str) -> None:
         raise UserError(f"{flag} {value}: must be a positive number of examples")
 
 
+# The kinds `dis check` runs a check of its own on; every other component of a recipe (loggers, a
+# kind a plugin's slot table adds) gets a row saying it was built and what it is.
+CHECKED_KINDS = ("task", "target_generator", "backbone", "halting", "optimizer", "evaluator")
+
+
 def check_recipe(resolved, registry, *, data_dir: Path = Path("data"), batch_size: int = 4, examples=None) -> list[Row]:
     """Build the recipe and run every component once on a tiny batch; one Row per component.
-    `examples` chooses the training examples of the target check (see `choice`)."""
+    `examples` chooses the training examples of the target check (see `choice`). The training
+    step and the evaluation rollout run on the recipe's device and in its precision."""
     from dis_core.rundir import release_lock
-    from dis_core.supervision import rollout
+    from dis_core.solver import Solver
     from dis_core.trainer import Trainer
 
     _positive(batch_size, "--batch")
@@ -114,23 +122,18 @@ def check_recipe(resolved, registry, *, data_dir: Path = Path("data"), batch_siz
     resolved = tiny(resolved, batch_size)
     recipe = resolved.recipe
     n_sup, seed = recipe.supervision.n_sup, recipe.train.seed
-    who = {
-        "task": Who.of(registry, "task", recipe.task.name),
-        "backbone": Who.of(registry, "backbone", recipe.backbone.name),
-        "targets": Who.of(registry, "target_generator", recipe.targets.name),
-        "halting": Who.of(registry, "halting", recipe.halting.name),
-        "optimizer": Who.of(registry, "optimizer", recipe.train.optimizer.name),
-    }
+    placed = list(resolved.components())  # (slot, recipe path, spec) of every component, in slot order
+    who = {path: Who.of(registry, slot.kind, spec.name) for slot, path, spec in placed}
     rows: list[Row] = []
     tmp = Path(tempfile.mkdtemp(prefix="dis-check-"))
     run_dir = tmp / "run"
     try:
         try:
-            trainer = Trainer(resolved, registry, run_dir, data_dir=data_dir)
+            solver = Solver.build(resolved, registry, data_dir)
+            trainer = Trainer(resolved, registry, run_dir, solver=solver)
         except DisError as exc:  # a factory, a Protocol, a combination of components
             return [Row("build", resolved.source, None, str(exc))]
-        comp = trainer.comp
-        boundary = trainer.boundary
+        comp, boundary = solver.components, solver.boundary
         task, spec = comp.task, comp.task.spec
         ok: dict[str, bool] = {}
         state: dict = {}
@@ -180,48 +183,56 @@ def check_recipe(resolved, registry, *, data_dir: Path = Path("data"), batch_siz
             testing.check_optimizer(comp.make_optimizer)
             return "make(params) builds an optimizer that lowers a small loss"
 
+        def built_check(slot, path) -> Callable[[], str]:
+            def check() -> str:  # the registry checked its Protocol when it was built
+                protocol = slot.interface()
+                return f"built: a {type(comp.by_path[path]).__name__}, a {getattr(protocol, '__name__', protocol)}"
+            return check
+
         def train_check() -> str:
             out = trainer.train_step()
             if out is None or not bool(torch.isfinite(out.loss.detach()).all()):
                 raise AssertionError("the training step's loss or gradient is not finite")
-            bad = [n for n, p in trainer.engine.module.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+            bad = [n for n, p in solver.backbone.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
             if bad:
                 raise AssertionError(f"the optimizer step left non-finite parameters: {', '.join(bad[:3])}")
-            return (f"loss {float(out.loss.detach()):.4f} on {recipe.train.global_batch_size} slots: forward, backward, optimizer step "
-                    f"({', '.join(out.losses)})")
+            return (f"loss {float(out.loss.detach()):.4f} on {recipe.train.global_batch_size} slots in {solver.precision}: "
+                    f"forward, backward, optimizer step ({', '.join(out.losses)})")
 
         @torch.inference_mode()
         def eval_check() -> str:
-            module = trainer.engine.module
-            module.eval()
-            batch = {k: v.to(trainer.device) for k, v in state["test"].items()}
-            emb = trainer.puzzle_emb(batch["puzzle_ids"]) if trainer.puzzle_emb is not None else None
-            out = rollout(module.backbone, batch, trainer.rule, comp.halting, puzzle_emb=emb, generator=torch.Generator().manual_seed(seed))
+            batch = {k: v.to(solver.device) for k, v in state["test"].items()}
+            with solver.evaluating():
+                out = solver.rollout(batch, generator=torch.Generator().manual_seed(seed))
             state["record"] = EvalRecord(batch={k: v.cpu() for k, v in batch.items()}, preds=out.preds.cpu(),
                                          q_halt=out.q_halt.cpu(), steps=out.steps.cpu())
-            return f"{len(out.steps)} test examples, steps run {out.steps.tolist()}"
+            return f"{len(out.steps)} test examples in {solver.precision}, steps run {out.steps.tolist()}"
 
         ok["task"] = _run(who["task"], task_check, {}, rows)
         ok["target generator"] = _run(who["targets"], targets_check, {"task": ok["task"]}, rows)
         ok["backbone"] = _run(who["backbone"], backbone_check, {}, rows)
         ok["halting"] = _run(who["halting"], halting_check, {}, rows)
-        ok["optimizer"] = _run(who["optimizer"], optimizer_check, {}, rows)
+        ok["optimizer"] = _run(who["train.optimizer"], optimizer_check, {}, rows)
+        for slot, path, _ in placed:
+            if slot.kind not in CHECKED_KINDS:
+                ok[path] = _run(who[path], built_check(slot, path), {}, rows)
         ok["training step"] = _run(Who("step", "training"), train_check, {k: ok[k] for k in ok}, rows)
         needs = {"task": ok["task"], "backbone": ok["backbone"], "halting": ok["halting"]}
         ok["evaluation"] = _run(Who("step", "evaluation"), eval_check, needs, rows)
-        for i, (name, ev) in enumerate(comp.evaluators.items()):
-            evaluator_who = Who.of(registry, "evaluator", recipe.evaluators[i].name)
+        for path, name in zip((p for s, p, _ in placed if s.kind == "evaluator"), comp.evaluators):
+            ev = comp.evaluators[name]
             out_dir = tmp / "eval" / name
 
-            def evaluator_check(ev=ev, who=evaluator_who, out_dir=out_dir) -> str:
+            def evaluator_check(ev=ev, who=who[path], out_dir=out_dir) -> str:
                 ev.reset()
                 ev.update(state["record"])
-                metrics = check_metrics(ev.compute([pickle.loads(pickle.dumps(ev.state()))], out_dir), who)
+                metrics = check_metrics(compute_into(ev, [pickle.loads(pickle.dumps(ev.state()))], out_dir), who)
                 testing.check_evaluator(ev, task, out_dir=out_dir / "contract")
-                head = metrics.get(ev.headline)
-                return f"{ev.headline} = {head:.4g} after one step" if head is not None else f"metrics: {', '.join(metrics)}"
+                headline = headline_of(ev)
+                head = metrics.get(headline) if headline else None
+                return f"{headline} = {head:.4g} after one step" if head is not None else f"metrics: {', '.join(metrics)}"
 
-            _run(evaluator_who, evaluator_check, {"evaluation": ok["evaluation"]}, rows)
+            _run(who[path], evaluator_check, {"evaluation": ok["evaluation"]}, rows)
         return rows
     finally:
         release_lock(run_dir)

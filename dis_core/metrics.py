@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
+from dis_core.compat import headline_of
 from dis_core.interfaces import EvalRecord
 
 
@@ -95,3 +96,15 @@ def is_per_step(key: str) -> bool:
     key = re.sub(r"@w=[^@/]*$", "", key)
     name, at, step = key.rpartition("/")[2].partition("@")
     return bool(at) and step.isdigit() and name != "pass"
+
+
+def on_console(key: str, evaluators: dict) -> bool:
+    """Whether the console shows metric `key` of an evaluation: the plain metrics and, of a
+    guidance sweep, only each evaluator's headline per w (metrics.jsonl has them all); per-step
+    rows are for files and plots. `evaluators`: the recipe's {name: evaluator}."""
+    if is_per_step(key):
+        return False
+    if "@w=" not in key:
+        return True
+    name, _, metric = key.partition("@w=")[0].partition("/")
+    return name in evaluators and metric == headline_of(evaluators[name])

@@ -21,7 +21,7 @@ import attrs
 import pluggy
 import structlog
 
-from dis_core import hookspecs
+from dis_core import compat, hookspecs
 from dis_core.errors import DisError, PluginError, UserError
 from dis_core.registry import COMMAND_LINE, Registry
 from dis_core.slots import SLOTS, Slot
@@ -165,7 +165,7 @@ def load_registry(*, extra_plugins: tuple = (), load_entry_points: bool = True, 
 
     undo = pm.add_hookcall_monitoring(lambda *_: None, after)
     try:
-        return Registry.collect(pm)
+        registry = Registry.collect(pm)
     except DisError:
         raise  # already names what is wrong (a bad registration, a duplicate name)
     except Exception as exc:
@@ -176,6 +176,21 @@ def load_registry(*, extra_plugins: tuple = (), load_entry_points: bool = True, 
                           f"({getattr(module, '__file__', None) or module.__name__}) raised {_describe(exc)}") from exc
     finally:
         undo()
+    warn_outdated(registry)
+    return registry
+
+
+def warn_outdated(registry: Registry) -> None:
+    """A `DisContractWarning` for each component whose factory is annotated to return a class
+    that lacks a deprecated member (an evaluator without `headline`): every command, `dis
+    plugins` included, says what to add before anything is built. A factory without a return
+    annotation is checked when its component is built (`registry.check_built`)."""
+    for entry in registry.entries():
+        notes = compat.static_notes(entry.kind, entry.name, entry.plugin, entry.factory, registry.slot(entry.kind).interface())
+        for row, who, cls in notes:
+            compat.warn(row, who, cls)
+        if notes:
+            registry.warned.add((entry.kind, entry.name))
 
 
 def load_plugin_modules(values: Iterable[str]) -> tuple[ModuleType, ...]:

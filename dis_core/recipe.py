@@ -1,13 +1,16 @@
 """Recipes: TOML files that compose components, loaded strictly and resolved against the registry.
 
-Loading runs in three passes, each collecting every problem before raising one `RecipeError`:
+Loading runs in three passes, and every problem of all three is reported in one `RecipeError`
+(three typos: three lines):
   1. read the file and its `extends` chain, merge, apply `--set` overrides;
   2. structure the result into the frozen `Recipe` classes below, with one `ComponentSpec`
      field per component slot (`dis_core.slots`: `[task]`, `[[evaluators]]`, `[train.optimizer]`);
   3. look up each component's name in the registry and structure its `config` table into
      that component's own config class, making its relative paths absolute; then check what a
      run would refuse at its start (the batch split, the `[deepspeed]` table: `dis_core.engine`).
-A value out of its range in pass 2 (`train.ema = 2.0`) does not stop pass 3; a type error does.
+Pass 3 reads the components from the raw tables, so it runs whatever pass 2 found (an unknown
+key, a wrong type, a value out of range); only a file that cannot be read or merged (bad TOML, a
+broken `extends` chain) stops loading at pass 1. A bad `--set` is reported with the rest.
 The result, `ResolvedRecipe`, is what the trainer builds from and what every run saves.
 
 One path rule: a relative path in a recipe (a `Path` field of a config class, and `extends`) is
@@ -323,33 +326,58 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = copy.deepcopy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        _clear_exclusive(data, tuple(parts))
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError([f"--set {text!r}: no item {part} in {'.'.join(parts[:i])}"], source="--set")
-                node = node[int(part)]
-                continue
-            if not isinstance(node, dict):
-                raise RecipeError([f"--set {text!r}: {'.'.join(parts[:i])} is not a table"], source="--set")
-            node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise RecipeError([f"--set {text!r}: no item {last}"], source="--set")
-            node[int(last)] = value
-        elif isinstance(node, dict):
-            # Changing a component's name drops the old component's config (it would not fit).
-            if last == "name" and node.get("name") not in (None, value):
-                node.pop("config", None)
-            node[last] = value
-        else:
-            raise RecipeError([f"--set {text!r}: {'.'.join(parts[:-1])} is not a table"], source="--set")
+    """`data` with the `--set` overrides applied; a `RecipeError` listing every bad one."""
+    data, problems, _ = _apply_overrides(data, overrides)
+    if problems:
+        raise RecipeError(problems, source="--set")
     return data
+
+
+def _apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, list[str], list[str]]:
+    """(data with the good overrides applied, a problem per bad one, the good ones): a bad
+    override is reported with the recipe's other problems, not alone."""
+    data = copy.deepcopy(data)
+    problems, applied = [], []
+    for text in overrides:
+        try:
+            _apply_override(data, text)
+        except RecipeError as exc:
+            problems += exc.problems
+        else:
+            applied.append(text)
+    return data, problems, applied
+
+
+def _apply_override(data: dict, text: str) -> None:
+    parts, value = parse_override(text)
+    # Walk first, change nothing until the whole path is known to be good.
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError([f"--set {text!r}: no item {part} in {'.'.join(parts[:i])}"], source="--set")
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError([f"--set {text!r}: {'.'.join(parts[:i])} is not a table"], source="--set")
+        node = node.get(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError([f"--set {text!r}: no item {last}"], source="--set")
+    elif not isinstance(node, dict):
+        raise RecipeError([f"--set {text!r}: {'.'.join(parts[:-1])} is not a table"], source="--set")
+    _clear_exclusive(data, tuple(parts))
+    node = data
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        # Changing a component's name drops the old component's config (it would not fit).
+        if last == "name" and node.get("name") not in (None, value):
+            node.pop("config", None)
+        node[last] = value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,31 +385,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def resolve(data: dict[str, Any], registry, source: str = "<recipe>", *,
-            base_dir: Path | None = None, origins: Origins | None = None) -> ResolvedRecipe:
-    """Passes 2 and 3. Relative paths in component configs become absolute: against the
-    directory `origins` gives for the value, else `base_dir` (default: the current directory)."""
+            base_dir: Path | None = None, origins: Origins | None = None, problems: list[str] = ()) -> ResolvedRecipe:
+    """Passes 2 and 3; `problems` are pass 1's (bad `--set` overrides), reported with theirs.
+    Relative paths in component configs become absolute: against the directory `origins` gives
+    for the value, else `base_dir` (default: the current directory)."""
     slots = getattr(registry, "slots", SLOTS)
-    # A bad value of the recipe's own fields (`train.ema = 2.0`) still lets pass 3 run, so that
-    # the components' problems are reported with it.
-    recipe, problems = structure(data, recipe_class(slots), "$", unchecked=True)
-    if recipe is None:
-        raise RecipeError(problems, source=source)
-    batch_ok = not any(p.endswith(("@ $.train.global_batch_size", "@ $.train.micro_batch_size")) for p in problems)
+    # Pass 2. A bad value of the recipe's own fields (`train.ema = 2.0`) still gives the recipe
+    # (built without validators); a wrong type or an unknown key gives None. Either way pass 3
+    # goes on, from the raw tables.
+    recipe, found = structure(data, recipe_class(slots), "$", unchecked=True)
+    problems = [*problems, *found]
+    batch_ok = recipe is not None and not any(
+        p.endswith(("@ $.train.global_batch_size", "@ $.train.micro_batch_size")) for p in problems)
 
     base_dir = Path.cwd() if base_dir is None else base_dir
     configs: dict[str, Any] = {}
     for slot in slots:
         seen: set[str] = set()
-        for path, spec in slot.paths(value_at(recipe, slot.key)):
-            if spec.name in seen:  # `many` slots are keyed by name (evaluators' metric prefixes)
-                problems.append(f"{slot.kind} {spec.name!r} is listed twice @ $.{path}")
-            seen.add(spec.name)
+        for path, name, table in _component_tables(data, slot):
+            if name in seen:  # `many` slots are keyed by name (evaluators' metric prefixes)
+                problems.append(f"{slot.kind} {name!r} is listed twice @ $.{path}")
+            seen.add(name)
             try:
-                entry = registry.get(slot.kind, spec.name)
+                entry = registry.get(slot.kind, name)
             except UnknownComponentError as exc:
                 problems.append(f"{exc} @ $.{path}.name")
                 continue
-            cfg, errs = structure(spec.config, entry.config_cls, f"$.{path}.config")
+            cfg, errs = structure(table, entry.config_cls, f"$.{path}.config")
             problems += errs
             if cfg is not None:
                 configs[path] = _absolute_paths(cfg, (*parts(path), "config"), base_dir, origins or {})
@@ -390,6 +420,28 @@ def resolve(data: dict[str, Any], registry, source: str = "<recipe>", *,
     if problems:
         raise RecipeError(problems, source=source)
     return ResolvedRecipe(_default_step_input(recipe), configs, source, slots)
+
+
+def _component_tables(data: dict[str, Any], slot: Slot) -> list[tuple[str, str, dict]]:
+    """(component path, name, raw config table) of each component of `slot` as the raw recipe
+    writes it, the slot's default when it leaves the slot out. An item of the wrong shape (no
+    name, a config that is not a table) is skipped: pass 2 has reported it."""
+    node: Any = data
+    *tables, key = slot.key.split(".")
+    for table in tables:
+        node = node.get(table, {}) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return []
+    if key in node:
+        value = node[key]
+    elif slot.default is None:
+        return []  # a required slot left out: pass 2 says so
+    else:
+        value = [{"name": slot.default}] if slot.many else {"name": slot.default}
+    if slot.many != isinstance(value, list):
+        return []
+    return [(path, item["name"], item.get("config", {})) for path, item in slot.paths(value)
+            if isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("config", {}), dict)]
 
 
 def _default_step_input(recipe):
@@ -431,15 +483,17 @@ def _absolute_paths(obj: Any, at: tuple, base: Path, origins: Origins) -> Any:
 
 def load_recipe(path: str | Path, registry, overrides: list[str] | None = None) -> ResolvedRecipe:
     data, origins = _load_chain(Path(path), ())
+    problems: list[str] = []
     if overrides:
-        data = apply_overrides(data, overrides)
+        data, problems, applied = _apply_overrides(data, overrides)
         cwd = Path.cwd()
-        for text in overrides:  # a path given on the command line is relative to where it is typed
+        for text in applied:  # a path given on the command line is relative to where it is typed
             keys, value = parse_override(text)
             at = _key_path(data, keys)
             origins = {k: v for k, v in origins.items() if k[: len(at)] != at}
             origins.update(_leaves(value, cwd, at))
-    return resolve(data, registry, source=str(path), base_dir=Path(path).parent.absolute(), origins=origins)
+    return resolve(data, registry, source=str(path), base_dir=Path(path).parent.absolute(), origins=origins,
+                   problems=problems)
 
 
 def _key_path(data: Any, keys: list[str]) -> tuple:

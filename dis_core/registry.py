@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import attrs
 
+from dis_core import compat
 from dis_core.config import structure
 from dis_core.errors import DisError, DuplicateComponentError, PluginError, RecipeError, UnknownComponentError, UserError
 from dis_core.slots import SLOTS, Slot, slot_of
@@ -63,6 +64,9 @@ class Registry:
         self._entries: dict[tuple[str, str], Entry] = {}
         self.broken: list = []  # plugins.BrokenPlugin: installed plugins that failed to load
         self.slots = tuple(slots)  # the component slots this registry was collected for
+        # (kind, name) of the components that loading warned are written against an older
+        # contract (plugins.warn_outdated): building one does not say so again.
+        self.warned: set[tuple[str, str]] = set()
 
     def add(self, entry: Entry) -> None:
         key = (entry.kind, entry.name)
@@ -103,7 +107,8 @@ class Registry:
             prefix = f"{ctx.source}: " if ctx.source else ""
             raise UserError(f"{prefix}cannot build {entry.kind} {entry.name!r} @ {ctx.component}: {exc}") from exc
         # the right kind of object, or a PluginError naming the plugin
-        return check_built(entry, built, ctx.component, self.slot(entry.kind).interface())
+        return check_built(entry, built, ctx.component, self.slot(entry.kind).interface(),
+                           reported=(entry.kind, entry.name) in self.warned)
 
     def build(self, kind: str, name: str, config: dict | None, ctx, *, at: str = "", config_at: str | None = None) -> Any:
         """The component `name` of `kind`, built from a raw `config` table on behalf of the
@@ -180,11 +185,14 @@ def _broken_line(b) -> str:
 PROTOCOLS: dict[str, Any] = {slot.kind: slot.interface() for slot in SLOTS}
 
 
-def check_built(entry: Entry, obj: Any, where: str, proto: Any = None) -> Any:
-    """`obj` if it has every member of its kind's Protocol (interfaces.py): the methods, and the
-    attributes the core reads (`monotone`, `headline`, `puzzle_emb_ndim`, ...), or is callable
+def check_built(entry: Entry, obj: Any, where: str, proto: Any = None, *, reported: bool = False) -> Any:
+    """`obj` if it has every member of its kind's Protocol (interfaces.py) that has no default:
+    the methods, and the attributes the core reads (`monotone`, `max_steps`, ...), or is callable
     where the kind is a Callable type (an optimizer's `make(params)`); else a `PluginError`
-    naming the plugin, the component and what is missing."""
+    naming the plugin, the component and what is missing. A member added after contract 1.0
+    may be absent (`dis_core.compat.ADDITIONS`): the core uses its default, and a deprecated one
+    (an evaluator's `headline`) gets a `DisContractWarning` saying what to add, unless
+    `reported` (the registry warned when it was loaded)."""
     proto = PROTOCOLS.get(entry.kind) if proto is None else proto
     if proto is None:
         return obj
@@ -192,11 +200,12 @@ def check_built(entry: Entry, obj: Any, where: str, proto: Any = None) -> Any:
         if callable(obj):
             return obj
         missing = [f"callable as {proto}"]
+    elif isinstance(obj, type):
+        missing = []
     else:
-        methods, data = _protocol_members(proto)
-        missing = [m for m in sorted(methods) if not callable(getattr(obj, m, None))]
-        missing += [f"attribute {a}" for a in sorted(data) if not hasattr(obj, a)]
-        if not missing and not isinstance(obj, type):
+        missing = compat.check_and_warn(obj, entry.kind, proto, compat.describe(entry.kind, entry.name, entry.plugin, type(obj)),
+                                        reported=reported)
+        if not missing:
             return obj
     got = f"the class {obj.__qualname__} (not an instance of it)" if isinstance(obj, type) else (
         f"{type(obj).__module__}.{type(obj).__qualname__}" if obj is not None else "None")
@@ -207,12 +216,9 @@ def check_built(entry: Entry, obj: Any, where: str, proto: Any = None) -> Any:
     )
 
 
-def _protocol_members(proto: type) -> tuple[set[str], set[str]]:
-    """(methods, data attributes) a runtime-checkable Protocol declares, inherited ones too."""
-    methods, data = set(), set()
-    for klass in proto.__mro__:
-        if klass is object or klass.__module__ == "typing":
-            continue
-        methods |= {n for n, v in vars(klass).items() if callable(v) and (not n.startswith("_") or n == "__call__")}
-        data |= set(vars(klass).get("__annotations__", {}))
-    return methods, data
+def contract_notes(registry: Registry) -> list[tuple[Entry, str]]:
+    """(entry, warning) for each deprecated member that an entry's factory, by its return
+    annotation, lacks: what `dis plugins` and `load_registry` report without building anything."""
+    return [(entry, compat.message(row, who)) for entry in registry.entries()
+            for row, who, _ in compat.static_notes(entry.kind, entry.name, entry.plugin, entry.factory,
+                                                   registry.slot(entry.kind).interface())]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from structlog.testing import capture_logs
 
+from dis_core.compat import headline_of
 from dis_core.data import fetch
 from dis_core.diagnostics import sample_indices
 from dis_core.errors import UserError
@@ -126,7 +127,7 @@ def verdicts(batch: dict, result: Rollout, evaluators=None, task=None) -> list[V
         if ok is not None and ok.shape == (len(answers),):
             return [Verdict(bool(v), "valid" if v else "invalid", "the task's answer check") for v in ok]
     named = list(evaluators.items()) if isinstance(evaluators, Mapping) else [(type(e).__name__, e) for e in evaluators or ()]
-    named.sort(key=lambda item: "valid" not in str(getattr(item[1], "headline", "")))
+    named.sort(key=lambda item: "valid" not in (headline_of(item[1]) or ""))
     for name, ev in named:
         judged = _by_evaluator(name, ev, batch, answers)
         if judged is not None:
@@ -138,7 +139,7 @@ def verdicts(batch: dict, result: Rollout, evaluators=None, task=None) -> list[V
 
 
 def _by_evaluator(name: str, evaluator, batch: dict, answers: torch.Tensor) -> list[Verdict] | None:
-    headline = getattr(evaluator, "headline", None)
+    headline = headline_of(evaluator)
     if not headline:
         return None
     ev = copy.deepcopy(evaluator)  # the run's evaluator keeps its own state

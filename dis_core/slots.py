@@ -13,7 +13,6 @@ its encoding as `ctx.spec`.
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any
 
@@ -26,7 +25,7 @@ class Slot:
     kind: str  # registry kind: names are unique per kind; `dis plugins` lists it
     hook: str  # pluggy hook, `register_<kind>s(register)`
     # What the factory returns: a Protocol, or its name in dis_core.interfaces (imported when
-    # first needed, so that `import dis_core` does not import torch).
+    # first needed, so that `import dis_core` and `dis compare` do not import torch).
     protocol: type | str
     doc: str  # the hook's docstring
     default: str | None = None  # component name when the recipe leaves the slot out; None = required
@@ -39,7 +38,11 @@ class Slot:
 
     def interface(self) -> Any:
         if isinstance(self.protocol, str):
-            return getattr(importlib.import_module("dis_core.interfaces"), self.protocol)
+            # A plain deferred import, not importlib by name: the layering test sees the
+            # dependency (contract -> contract), and a circle through it would fail there.
+            from dis_core import interfaces
+
+            return getattr(interfaces, self.protocol)
         return self.protocol
 
     def paths(self, value: Any) -> list[tuple[str, Any]]:

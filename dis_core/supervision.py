@@ -1,29 +1,79 @@
 """What one supervision step means, in one place: its target, its token input, its forward (with
 or without a loss), and how the carry of slots advances. Training, evaluation and prediction all
-go through this module; the trainer only decides *when* things happen.
+go through this module; the trainer only decides *when* things happen. What evaluation measures
+besides the answers (guidance, the Advantage Margin, the answer signals of adaptive halting)
+lives in `dis_core.guidance`.
 
 A step of a slot that has run s-1 steps (s is 1-based):
   target    frame s of the slot's target path (`StepRule.target`)
   input     the question at s = 1; afterwards the previous argmax (`step_input = "prediction"`,
             the official DIS code) or the question again (`"question"`, TRM/HRM)  (`next_tokens`)
   forward   backbone(state, tokens, s, puzzle row) -> new state, logits, q[, per-slot losses]
-  loss      per slot: w_s * CE(logits, target) + the backbone's extra losses + the halting
-            head's losses; the step's loss is the mean over the rank's slots (DeepSpeed then
-            averages over ranks: the reference's SUM(loss / global_batch))
+  loss      per slot: w_s * CE(logits, target) ("ce") + the backbone's extra losses + the
+            halting head's losses ("halt", "continue"); the step's loss is the mean over the
+            rank's slots (DeepSpeed then averages over ranks: the reference's SUM(loss / global_batch))
   advance   carry the new state (detached), count the step, feed the next input, ask the
             halting strategy which slots are done (`Carry.advance`)
+
+The state is whatever the backbone carries from one step to the next, and the core never looks
+inside it: `(y, z)` for trm and hrm, one tensor, or None for a backbone that carries nothing.
+Every tensor of it has the slots as its first dimension, so slots can be refilled row by row.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import attrs
 import torch
 from torch import nn
 
-from dis_core.interfaces import IGNORE, AnswerAwareHalting, Batch, CycleReadout, StepReadout
+from dis_core.compat import uses_continue_loss
+from dis_core.errors import CapabilityError, PluginError
+# Answer, probabilities, advantage_margin, READOUTS, MARGIN_TOL and has_readouts lived here
+# before dis_core.guidance: re-exported for the code and plugins that import them from here.
+from dis_core.guidance import MARGIN_TOL, READOUTS, Answer, Guide, advantage_margin, has_readouts, probabilities
+from dis_core.interfaces import IGNORE, AnswerAwareHalting, Batch, HaltingHead
 from dis_core.losses import per_sequence_ce
 
-State = tuple[torch.Tensor, torch.Tensor]
+State = torch.Tensor | tuple[torch.Tensor, ...] | None
+# Loss terms the core adds; a backbone's extra losses take other names.
+CORE_TERMS = ("ce", "halt", "continue")
+
+
+def state_tensors(state: State) -> tuple[torch.Tensor, ...]:
+    """The tensors of a state: () for None, (t,) for one tensor, the tuple's items otherwise."""
+    if state is None:
+        return ()
+    return (state,) if torch.is_tensor(state) else tuple(state)
+
+
+def map_state(fn: Callable[..., torch.Tensor], *states: State) -> State:
+    """`fn` applied tensor by tensor to states of one structure (several: zipped), keeping it."""
+    if states[0] is None:
+        return None
+    if torch.is_tensor(states[0]):
+        return fn(*states)
+    return tuple(fn(*parts) for parts in zip(*states, strict=True))
+
+
+def answer_state(state: State) -> torch.Tensor | None:
+    """The state a `decode` reads: y of (y, z) (the first tensor), or the state if it is one."""
+    return state if state is None or torch.is_tensor(state) else state[0]
+
+
+def has_q_head(backbone) -> bool:
+    """Whether the backbone has a halting head (`HaltingHead`)."""
+    return isinstance(backbone, HaltingHead) and isinstance(backbone.q_head, nn.Module)
+
+
+def check_q_head(backbone, halting) -> None:
+    """A halting strategy that reads q-logits needs a backbone with a q-head."""
+    if halting.uses_q_head and not has_q_head(backbone):
+        raise CapabilityError(
+            f"the halting strategy {type(halting).__name__} uses a q-head (uses_q_head is true), but the backbone "
+            f"{type(backbone).__name__} has none: give the backbone a `q_head` module and return its (B, 2) q-logits "
+            f"from forward, or choose a halting strategy without one (`fixed`)")
 
 
 @attrs.frozen(kw_only=True)
@@ -90,7 +140,7 @@ def sequence_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 class StepIn:
     """One step's inputs for B slots. `targets` is None when no loss is wanted (evaluation)."""
 
-    state: State  # (y, z), each (B, S, D)
+    state: State  # what the backbone carries, each tensor (B, ...); (y, z) each (B, S, D) for trm/hrm
     tokens: torch.Tensor  # (B, L) int64
     step: torch.Tensor  # (B,) int64, 1-based
     puzzle_emb: torch.Tensor | None = None  # (B, E) rows of the puzzle table
@@ -101,12 +151,14 @@ class StepIn:
 
 @attrs.define
 class StepOut:
-    state: State  # new (y, z), not detached
+    state: State  # the new state, not detached
     logits: torch.Tensor  # (B, L, V)
-    q: torch.Tensor  # (B, 2) fp32 [halt, continue]
-    loss: torch.Tensor | None = None  # scalar: mean over slots of `per_slot`
-    ce: torch.Tensor | None = None  # (B,) token loss against the target, detached
-    losses: dict[str, torch.Tensor] = attrs.field(factory=dict)  # (B,) each: every per-slot term, detached
+    q: torch.Tensor | None  # (B, 2) fp32 [halt, continue]; None from a backbone without a q-head
+    loss: torch.Tensor | None = None  # scalar: mean over slots of the sum of `losses`
+    ce: torch.Tensor | None = None  # (B,) token loss against the target, unweighted, detached
+    # (B,) each, detached: every per-slot term of the loss ("ce" (weighted), "halt", "continue",
+    # the backbone's extra losses), which TrainStats logs as train/loss_<name>
+    losses: dict[str, torch.Tensor] = attrs.field(factory=dict)
 
     @classmethod
     def cat(cls, outs: list["StepOut"]) -> "StepOut":
@@ -115,8 +167,8 @@ class StepOut:
         if len(outs) == 1:
             return outs[0]
         return cls(
-            state=(torch.cat([o.state[0] for o in outs]), torch.cat([o.state[1] for o in outs])),
-            logits=torch.cat([o.logits for o in outs]), q=torch.cat([o.q for o in outs]),
+            state=map_state(lambda *parts: torch.cat(parts), *(o.state for o in outs)),
+            logits=torch.cat([o.logits for o in outs]), q=None if outs[0].q is None else torch.cat([o.q for o in outs]),
             loss=torch.stack([o.loss.detach() for o in outs]).mean(),
             ce=torch.cat([o.ce for o in outs]), losses={k: torch.cat([o.losses[k] for o in outs]) for k in outs[0].losses},
         )
@@ -129,10 +181,10 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def split_backbone_output(out) -> tuple[State, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """A backbone returns (state, logits, q) or (state, logits, q, extra_losses) where
-    extra_losses maps a name to a (B,) per-slot loss added to the step's loss (a loss on z, say:
-    a backbone change, not a core change)."""
+def split_backbone_output(out) -> tuple[State, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """A backbone returns (state, logits, q) or (state, logits, q, extra_losses): q is None
+    without a q-head, and extra_losses maps a name to a (B,) per-slot loss added to the step's
+    loss (a loss on z, say: a backbone change, not a core change)."""
     if len(out) == 4:
         return out[0], out[1], out[2], dict(out[3])
     state, logits, q = out
@@ -140,10 +192,19 @@ def split_backbone_output(out) -> tuple[State, torch.Tensor, torch.Tensor, dict[
 
 
 class SupervisedStep(nn.Module):
-    """backbone + loss: the module DeepSpeed wraps. forward(StepIn) -> StepOut."""
+    """backbone + loss: the module DeepSpeed wraps. forward(StepIn) -> StepOut.
+
+    It owns the pairing of backbone and halting strategy: a strategy that reads q-logits needs a
+    backbone with a q-head (CapabilityError otherwise), and a q-head the strategy does not use is
+    frozen here. No gradient ever reaches an unused q-head, but DeepSpeed fills missing gradients
+    with zeros, so AdamW would decay it towards 0; the reference leaves it untouched. Build the
+    optimizer from the parameters that still require a gradient after this constructor."""
 
     def __init__(self, backbone: nn.Module, halting, rule: StepRule, *, bf16: bool = False):
         super().__init__()
+        check_q_head(backbone, halting)
+        if has_q_head(backbone) and not halting.uses_q_head:
+            backbone.q_head.requires_grad_(False)
         self.backbone = backbone
         self.halting = halting  # plain object, not a submodule
         self.rule = rule
@@ -157,34 +218,43 @@ class SupervisedStep(nn.Module):
             state, logits, q, extra = split_backbone_output(self.backbone(x.state, x.tokens, x.step, emb))
         if x.targets is None:
             return StepOut(state, logits, q)
+        taken = sorted(set(extra) & set(CORE_TERMS))
+        if taken:
+            raise PluginError(f"the backbone {type(self.backbone).__name__} returned extra losses named {taken}, names of "
+                              f"the core's own loss terms ({', '.join(CORE_TERMS)}): name them otherwise")
         ce = per_sequence_ce(logits, x.targets, self.rule.loss)  # (B,)
-        terms = {"token": self.rule.weight(x.step) * ce, **extra}
+        terms = {"ce": self.rule.weight(x.step) * ce, **extra}
         if self.halting.uses_q_head:
+            q = self._q(q)
             with torch.no_grad():
                 correct = sequence_correct(logits, x.labels).to(torch.float32)
-            terms["q_halt"] = self.halting.loss(q, correct)
-            if self.halting.uses_continue_loss:
-                terms["q_continue"] = self._continue_loss(x, state, logits, q, emb)
+            terms["halt"] = self.halting.loss(q, correct)
+            if uses_continue_loss(self.halting):
+                terms["continue"] = self._continue_loss(x, state, logits, q, emb)
         per_slot = sum(terms.values())
         return StepOut(state, logits, q, loss=per_slot.mean(), ce=ce.detach(), losses={k: v.detach() for k, v in terms.items()})
+
+    def _q(self, q: torch.Tensor | None) -> torch.Tensor:
+        if q is None:
+            raise PluginError(f"the backbone {type(self.backbone).__name__} has a q_head but returned no q-logits, and the "
+                              f"halting strategy {type(self.halting).__name__} reads them")
+        return q
 
     def _continue_loss(self, x: StepIn, state: State, logits, q, emb) -> torch.Tensor:
         """HRM's Q-continue target: one more no-grad forward from the new state, on the input
         the next step would get (the reference's extra inner forward)."""
         with torch.no_grad():
             nxt = self.rule.next_tokens(logits.argmax(-1), x.inputs)
-            detached = (state[0].detach(), state[1].detach())
             with autocast(x.tokens.device, self.bf16):
-                _, _, next_q, _ = split_backbone_output(self.backbone(detached, nxt, x.step + 1, emb))
-        return self.halting.continue_loss(q, next_q.float(), x.step >= self.halting.max_steps)
+                _, _, next_q, _ = split_backbone_output(self.backbone(map_state(torch.Tensor.detach, state), nxt, x.step + 1, emb))
+        return self.halting.continue_loss(q, self._q(next_q).float(), x.step >= self.halting.max_steps)
 
 
 @attrs.define
 class Carry:
     """The slots' persistent state between optimizer steps, owned by the trainer."""
 
-    y: torch.Tensor  # (B, S, D) answer state
-    z: torch.Tensor  # (B, S, D) latent state
+    state: State  # what the backbone carries ((y, z) each (B, S, D) for trm/hrm), detached
     steps: torch.Tensor  # (B,) int64 supervision steps run
     halted: torch.Tensor  # (B,) bool; True at start, so the first step fills every slot
     batch: Batch  # the slots' examples
@@ -193,11 +263,9 @@ class Carry:
 
     @classmethod
     def empty(cls, backbone, batch_size: int, seq_len: int, n_sup: int, device) -> "Carry":
-        y, z = backbone.initial_state(batch_size)
         long = dict(dtype=torch.int64, device=device)
         return cls(
-            y=y.to(device),
-            z=z.to(device),
+            state=map_state(lambda t: t.to(device), backbone.initial_state(batch_size)),
             steps=torch.zeros(batch_size, **long),
             halted=torch.ones(batch_size, dtype=torch.bool, device=device),
             batch={},
@@ -206,15 +274,16 @@ class Carry:
         )
 
     def refill(self, rows: torch.Tensor, new: Batch, targets: torch.Tensor, init: State) -> None:
-        """Put fresh examples into the slots `rows` (1-D int64) and reset their state."""
+        """Put fresh examples into the slots `rows` (1-D int64) and reset their state to `init`
+        (the backbone's `initial_state(len(rows))`)."""
         if not self.batch:  # first fill: adopt the keys and shapes of the task's batches
             self.batch = {k: torch.zeros((len(self.steps), *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in new.items()}
         for k, v in new.items():
             self.batch[k][rows] = v
         self.targets[rows] = targets
         self.tokens[rows] = new["inputs"]
-        self.y[rows] = init[0][: len(rows)].to(self.y.dtype)
-        self.z[rows] = init[1][: len(rows)].to(self.z.dtype)
+        for slot, fresh in zip(state_tensors(self.state), state_tensors(init), strict=True):
+            slot[rows] = fresh[: len(rows)].to(slot.dtype)
         self.steps[rows] = 0
         self.halted[rows] = False
 
@@ -222,7 +291,7 @@ class Carry:
         """The inputs of the next step of the slots `rows` (all by default; a micro-batch)."""
         step = self.steps[rows] + 1
         return StepIn(
-            state=(self.y[rows], self.z[rows]), tokens=self.tokens[rows], step=step, puzzle_emb=puzzle_emb,
+            state=map_state(lambda t: t[rows], self.state), tokens=self.tokens[rows], step=step, puzzle_emb=puzzle_emb,
             targets=rule.target(self.targets[rows], step), labels=self.batch["labels"][rows], inputs=self.batch["inputs"][rows],
         )
 
@@ -230,16 +299,24 @@ class Carry:
     def advance(self, out: StepOut, rule: StepRule, halting, generator: torch.Generator) -> None:
         """After a training step: keep the new state, count the step, feed the next input,
         and mark the slots the halting strategy ends."""
-        self.y, self.z = out.state[0].detach(), out.state[1].detach()
+        self.state = map_state(torch.Tensor.detach, out.state)
         self.steps = self.steps + 1
         self.tokens = rule.next_tokens(out.logits.argmax(-1), self.batch["inputs"])
-        self.halted = halting.halt(self.steps, out.q.detach().float(), training=True, generator=generator)
+        q = None if out.q is None else out.q.detach().float()
+        self.halted = halting.halt(self.steps, q, training=True, generator=generator)
 
     def state_dict(self) -> dict:
         return attrs.asdict(self, recurse=False)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Carry":
+        """A carry as `state_dict` gave it; the state follows `steps` to its device. Checkpoints
+        written before the state was generic hold `y` and `z` instead of `state`."""
+        state = dict(state)
+        if "y" in state:
+            state["state"] = (state.pop("y"), state.pop("z"))
+        device = state["steps"].device
+        state["state"] = map_state(lambda t: t.to(device), state["state"])
         return cls(**state)
 
 
@@ -248,7 +325,7 @@ class Rollout:
     """What evaluation and prediction see for B examples."""
 
     preds: torch.Tensor  # (B, N, L) argmax after each step; a halted slot repeats its answer
-    q_halt: torch.Tensor  # (B,) fp32 halting logit after the slot's last step
+    q_halt: torch.Tensor  # (B,) fp32 halting logit after the slot's last step; 0 without a q-head
     steps: torch.Tensor  # (B,) int64 steps actually run
     # With `margin=True` (the batch has labels): the Advantage Margin (paper Prop. 4.1) summed over
     # each example's supervised cells at each step, and how many of those cells had one above
@@ -259,62 +336,6 @@ class Rollout:
     cells: torch.Tensor | None = None  # (B,) int64
 
 
-READOUTS = ("step", "cycle")
-# A cell's margin counts as positive (negative) above MARGIN_TOL (below -MARGIN_TOL). Cells the
-# model is already sure of have a margin of 0 up to rounding (1 - pi_w(y*) underflows), whose
-# sign would be noise; the margin is computed in float64, so 1e-6 is far above that noise.
-MARGIN_TOL = 1e-6
-
-
-@attrs.frozen
-class Answer:
-    """What a halting strategy with `uses_answer = True` sees at evaluation, after each step
-    (`halt(..., answer=Answer)`): the step's (guided) logits and two signals computed from them."""
-
-    logits: torch.Tensor  # (B, L, V) the logits the step's answer is the argmax of (l_w)
-    confidence: torch.Tensor  # (B,) fp32 mean over the L positions of the top class's probability
-    unchanged: torch.Tensor  # (B,) int64 steps in a row the argmax has not changed (0 at step 1)
-
-
-def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """The distribution the model was trained to put on its logits: stablemax or softmax (fp32)."""
-    if kind == "stablemax":
-        x = logits.to(torch.float64)
-        s = torch.where(x >= 0, x + 1, 1.0 / (1.0 - x + 1e-30))
-        return (s / s.sum(-1, keepdim=True)).to(torch.float32)
-    return torch.softmax(logits.float(), -1)
-
-
-def advantage_margin(l_u: torch.Tensor, l_c: torch.Tensor, l_w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Paper Prop. 4.1 per cell: with delta = l_c - l_u and pi_w = softmax(l_w),
-    delta[y*] - E_{a ~ pi_w} delta[a]. (B, L, V) logits, labels (B, L) -> (B, L) fp32; the value
-    at an unsupervised cell (label IGNORE) is meaningless: mask it. Computed in float64 (whatever
-    the logits' dtype) and returned as such."""
-    delta = l_c.double() - l_u.double()
-    pi = torch.softmax(l_w.double(), -1)
-    safe = labels.clamp(0, delta.shape[-1] - 1)
-    return delta.gather(-1, safe[..., None]).squeeze(-1) - (pi * delta).sum(-1)
-
-
-def _check_readouts(backbone: nn.Module, readout: str) -> None:
-    need = {"step": ("decode", StepReadout), "cycle": ("forward_readouts", CycleReadout)}.get(readout)
-    if need is None:
-        raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
-    need, capability = need
-    if not isinstance(backbone, capability):
-        raise ValueError(f"readout {readout!r} needs the backbone's `{need}` (guidance and the Advantage Margin); "
-                         f"{type(backbone).__name__} has none")
-
-
-def has_readouts(backbone: nn.Module, readout: str) -> bool:
-    """Whether the backbone offers what `readout` needs (trm and hrm offer both)."""
-    try:
-        _check_readouts(backbone, readout)
-    except ValueError:
-        return False
-    return True
-
-
 @torch.no_grad()
 def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzle_emb: torch.Tensor | None,
             generator: torch.Generator | None = None, max_steps: int | None = None, bf16: bool = False,
@@ -322,80 +343,62 @@ def rollout(backbone: nn.Module, batch: Batch, rule: StepRule, halting, *, puzzl
     """Run B examples from a fresh state for up to `max_steps` (default: the halting strategy's)
     supervision steps, without loss. Evaluation, `dis eval` and prediction all use this.
 
-    Guidance (paper Eq. 5): each step's answer is the argmax of l_w = (1 - w) l_u + w l_c, with
-    l_c = f_O(y after the step) (the plain logits) and l_u = f_O(y before): `readout = "step"`
-    takes y as the step received it (so l_u of step s is l_c of step s-1; no extra network call),
-    `"cycle"` takes y just before the step's last y-update (needs `backbone.forward_readouts`;
-    the same as "step" when T = 1). That answer is what the step records, feeds to the next step
-    (`step_input = "prediction"`) and shows the halting strategy. w = 1 is the plain rollout,
-    computed exactly as without guidance. `margin=True` also sums the Advantage Margin of every
-    step (needs `batch["labels"]`)."""
+    Each step's answer is the argmax of its logits, or with guidance w != 1 (paper Eq. 5) of
+    l_w = (1 - w) l_u + w l_c, l_u read as `readout` says (`dis_core.guidance`). That answer is
+    what the step records, feeds to the next step (`step_input = "prediction"`) and shows the
+    halting strategy. w = 1 is the plain rollout, computed exactly as without guidance.
+    `margin=True` also sums the Advantage Margin of every step (needs `batch["labels"]`)."""
     n_max = max_steps or halting.max_steps
     inputs = batch["inputs"]
     B, device = inputs.shape[0], inputs.device
-    guided = float(guidance) != 1.0
-    readouts = guided or margin
-    if readouts:
-        _check_readouts(backbone, readout)
+    guide = None
+    if float(guidance) != 1.0 or margin:
+        guide = Guide(backbone, guidance=guidance, readout=readout, labels=batch["labels"] if margin else None)
     uses_answer = isinstance(halting, AnswerAwareHalting) and halting.uses_answer
     dtype = next(backbone.parameters()).dtype
-    y, z = (t.to(device=device, dtype=dtype) for t in backbone.initial_state(B))
+    state = map_state(lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype), backbone.initial_state(B))
     emb = puzzle_emb.to(dtype) if puzzle_emb is not None else None
     tokens, steps = inputs, torch.zeros(B, dtype=torch.long, device=device)
     halted = torch.zeros(B, dtype=torch.bool, device=device)
     preds_all, q_last = [], torch.zeros(B, device=device)
     unchanged = torch.zeros(B, dtype=torch.long, device=device)
-    l_prev = None
-    if readouts and readout == "step":
+    if guide is not None:
         with autocast(device, bf16):
-            l_prev = backbone.decode(y)  # f_O(y_0): the first step's l_u
-    if margin:
-        labels = batch["labels"]
-        valid = labels != IGNORE
-        margin_sum, margin_pos, margin_neg = [], [], []
+            guide.start(answer_state(state))
     for s in range(1, n_max + 1):
         step = torch.full((B,), s, dtype=torch.long, device=device)
+        l_u = None
         with autocast(device, bf16):
-            if readouts and readout == "cycle":
-                (y, z), logits, q, l_u = backbone.forward_readouts((y, z), tokens, step, emb)
+            if guide is not None and guide.readout == "cycle":
+                state, logits, q, l_u = backbone.forward_readouts(state, tokens, step, emb)
             else:
-                (y, z), logits, q, _ = split_backbone_output(backbone((y, z), tokens, step, emb))
-        if readouts and readout == "step":
-            l_u, l_prev = l_prev, logits
-        l_w = torch.lerp(l_u.float(), logits.float(), float(guidance)) if guided else logits
+                state, logits, q, _ = split_backbone_output(backbone(state, tokens, step, emb))
+        l_w = guide.weigh(logits, l_u) if guide is not None else logits
         live = ~halted
         pred = l_w.argmax(-1)
         if preds_all:
             unchanged = torch.where((pred == preds_all[-1]).all(-1), unchanged + 1, torch.zeros_like(unchanged))
             pred = torch.where(live[:, None], pred, preds_all[-1])  # a halted slot keeps its answer
         preds_all.append(pred)
-        if margin:
-            m = advantage_margin(l_u, logits, l_w, labels)
-            margin_sum.append(torch.where(valid & live[:, None], m, torch.zeros_like(m)).sum(-1))
-            margin_pos.append(((m > MARGIN_TOL) & valid & live[:, None]).sum(-1))
-            margin_neg.append(((m < -MARGIN_TOL) & valid & live[:, None]).sum(-1))
-        q_last = torch.where(live, q[:, 0].float(), q_last)
+        if guide is not None:
+            guide.measure(logits, l_w, live)
+        if q is not None:
+            q = q.float()
+            q_last = torch.where(live, q[:, 0], q_last)
         steps = steps + live.long()
         tokens = rule.next_tokens(pred, inputs)
         if uses_answer:
-            conf = probabilities(l_w, rule.loss).amax(-1).mean(-1)
-            answer = Answer(logits=l_w, confidence=conf, unchanged=unchanged)
-            halted = halted | halting.halt(steps, q.float(), training=False, generator=generator, answer=answer)
+            done = halting.halt(steps, q, training=False, generator=generator, answer=Answer.of(l_w, rule.loss, unchanged))
         else:
-            halted = halted | halting.halt(steps, q.float(), training=False, generator=generator)
+            done = halting.halt(steps, q, training=False, generator=generator)
+        halted = halted | done
         if bool(halted.all()):
             break
     preds = torch.stack(preds_all, 1)  # (B, steps run, L)
     if preds.shape[1] < n_max:  # pad with the final answer so every record has N frames
         preds = torch.cat([preds, preds[:, -1:].expand(-1, n_max - preds.shape[1], -1)], 1)
     out = Rollout(preds=preds, q_halt=q_last, steps=steps)
-    if margin:
-        pad = n_max - len(margin_sum)
-        m_sum = torch.nn.functional.pad(torch.stack(margin_sum, 1), (0, pad))
-        m_pos = torch.nn.functional.pad(torch.stack(margin_pos, 1), (0, pad))
-        m_neg = torch.nn.functional.pad(torch.stack(margin_neg, 1), (0, pad))
-        out = attrs.evolve(out, margin=m_sum, margin_positive=m_pos, margin_negative=m_neg, cells=valid.sum(-1))
-    return out
+    return attrs.evolve(out, **guide.margins(n_max)) if guide is not None else out
 
 
 @attrs.define
@@ -409,6 +412,9 @@ class TrainStats:
     exact_sum: torch.Tensor | float = 0.0
     steps_sum: torch.Tensor | float = 0.0
     finished: torch.Tensor | float = 0.0
+    # Each loss term (`StepOut.losses`) summed over slots. Every rank has the same terms: the
+    # backbone and the halting strategy decide them, and ranks skip non-finite steps together.
+    terms: dict[str, torch.Tensor] = attrs.field(factory=dict)
 
     @torch.no_grad()
     def add(self, out: StepOut, carry: Carry) -> None:
@@ -423,14 +429,21 @@ class TrainStats:
         self.exact_sum = self.exact_sum + (exact * done).sum()
         self.steps_sum = self.steps_sum + (carry.steps.float() * done).sum()
         self.finished = self.finished + done.sum()
+        for name, per_slot in out.losses.items():
+            self.terms[name] = self.terms.get(name, 0.0) + per_slot.double().sum()
 
     def reduce(self, all_reduce_sum) -> dict[str, float]:
         """A collective: every rank calls it at the same step."""
-        names = [f.name for f in attrs.fields(TrainStats)]
-        values = torch.stack([torch.as_tensor(getattr(self, k), dtype=torch.float64).cpu() for k in names])
-        t = dict(zip(names, all_reduce_sum(values).tolist()))
+        names = [f.name for f in attrs.fields(TrainStats) if f.name != "terms"]
+        terms = sorted(self.terms)
+        values = [torch.as_tensor(getattr(self, k), dtype=torch.float64).cpu() for k in names]
+        values += [torch.as_tensor(self.terms[k], dtype=torch.float64).cpu() for k in terms]
+        summed = all_reduce_sum(torch.stack(values)).tolist()
+        t = dict(zip(names, summed))
         # NaN when every step of the interval was skipped as non-finite (`train.on_nonfinite`).
         out = {"train/loss": t["loss_sum"] / t["slots"] if t["slots"] else float("nan")}
+        # Each term reduced as the total is: summed over slots and ranks, per slot.
+        out |= {f"train/loss_{k}": v / t["slots"] for k, v in zip(terms, summed[len(names):])}
         if t["finished"]:
             out |= {"train/accuracy": t["accuracy_sum"] / t["finished"], "train/exact_accuracy": t["exact_sum"] / t["finished"],
                     "train/steps": t["steps_sum"] / t["finished"]}

@@ -11,12 +11,19 @@ installed component, and `dis check RECIPE` runs them on the components of a rec
         task = toy_task()
         check_target_generator(build_my_generator(MyConfig(), context(task)), task)
 
-`context(task)` is the `BuildContext` a factory receives; `toy_task()` is a small task to test
-a generator, an evaluator or a backbone against without depending on any other plugin.
+`context(task)` is the `BuildContext` a factory receives, with a registry of the installed
+plugins (or the one you pass) for factories that build other components; `toy_task()` is a
+small task to test a generator, an evaluator or a backbone against without depending on any
+other plugin.
+
+A component written against an older plugin contract passes these checks where dis would run
+it, with a `dis_core.DisContractWarning` saying what to add (an evaluator without `headline`);
+run pytest with `-W error::dis_core.DisContractWarning` to make that a failure.
 """
 
 from __future__ import annotations
 
+import functools
 import pickle
 import tempfile
 from pathlib import Path
@@ -25,9 +32,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from dis_core.checks import BatchCheck, FramesCheck, check_halt, check_metrics, check_per_slot_loss, check_step_output
+from dis_core.checks import BatchCheck, FramesCheck, check_halt, check_metrics, check_per_slot_loss, check_state, check_step_output
 from dis_core.data import check_groups, fetch
 from dis_core.diagnostics import hamming_to_labels
+from dis_core import compat
 from dis_core.errors import PluginError
 from dis_core.interfaces import (
     IGNORE,
@@ -36,11 +44,13 @@ from dis_core.interfaces import (
     Dataset,
     EvalRecord,
     Evaluator,
+    HaltingHead,
     HaltingStrategy,
     Task,
     TargetGenerator,
     TaskSpec,
 )
+from dis_core.plugins import load_registry
 
 __all__ = [
     "check_backbone", "check_evaluator", "check_halting", "check_optimizer", "check_target_generator", "check_task",
@@ -49,18 +59,38 @@ __all__ = [
 
 
 def context(task: Any = None, *, spec: TaskSpec | None = None, n_sup: int = 4, seed: int = 0, data_dir: Path | None = None,
-            component: str = "") -> BuildContext:
+            component: str = "", registry: Any = None, plugins: tuple = (), rank: int = 0, world_size: int = 1) -> BuildContext:
     """The `BuildContext` a factory receives: `task` and its spec (or a `spec` alone, for a
-    backbone), and a fresh temporary `data_dir` unless given (pass `tmp_path` in pytest)."""
+    backbone), a fresh temporary `data_dir` unless given (pass `tmp_path` in pytest), and the
+    registry that `ctx.build` uses: `registry` if given, else the installed plugins plus
+    `plugins` (plugin objects, as `load_registry(extra_plugins=...)` takes them)."""
     data_dir = Path(tempfile.mkdtemp(prefix="dis-testing-")) if data_dir is None else Path(data_dir)
     spec = task.spec if task is not None and spec is None else spec
-    return BuildContext(seed=seed, n_sup=n_sup, data_dir=data_dir, task=task, spec=spec, component=component)
+    if registry is None:
+        registry = load_registry(extra_plugins=tuple(plugins)) if plugins else installed_registry()
+    return BuildContext(seed=seed, n_sup=n_sup, data_dir=data_dir, task=task, spec=spec, component=component,
+                        registry=registry, rank=rank, world_size=world_size)
+
+
+@functools.cache
+def installed_registry():
+    """The installed plugins' registry, loaded once per process for `context`: the plugins do
+    not change while tests run, and loading them imports every plugin module."""
+    return load_registry()
 
 
 def pick(size: int, k: int = 8) -> np.ndarray:
     """Up to k distinct indices spread over [0, size), in descending order: the trainer asks in
     shuffled order, so a split must not assume ascending indices."""
     return np.unique(np.linspace(0, size - 1, min(k, size)).round().astype(np.int64))[::-1].copy()
+
+
+def _conforms(obj: Any, kind: str, proto: type) -> None:
+    """`obj` has every member of `proto` that has no default (AssertionError naming the ones it
+    lacks); a deprecated member it lacks is a `DisContractWarning`, not a failure, as in a run."""
+    missing = compat.check_and_warn(obj, kind, proto, f"{kind} {type(obj).__qualname__}")
+    assert not missing, (f"{type(obj).__name__} is not a {proto.__name__} (see dis_core.interfaces.{proto.__name__}): "
+                         f"it lacks {', '.join(missing)}")
 
 
 def _plugin_error(fn: Callable, *args, **kwargs):
@@ -198,7 +228,7 @@ def check_target_generator(gen: TargetGenerator, task: Task, *, n_sup: int = 4, 
     it is handed (same seed, same frames; the global RNG untouched); the last frame equals the
     labels on the supervised cells (unless `final_is_labels=False`); and, when it declares
     `monotone`, a distance to y* that never grows."""
-    assert isinstance(gen, TargetGenerator), f"{type(gen).__name__} is not a TargetGenerator: it needs `monotone` and __call__"
+    _conforms(gen, "target_generator", TargetGenerator)
     assert isinstance(gen.monotone, bool), f"monotone is a {type(gen.monotone).__name__}; declare True or False"
     ds = task.dataset(split)
     batch = fetch(ds, pick(len(ds)))
@@ -226,38 +256,46 @@ def check_target_generator(gen: TargetGenerator, task: Task, *, n_sup: int = 4, 
 
 
 def check_backbone(backbone: Backbone, spec: TaskSpec, *, n_sup: int = 4, batch_size: int = 3) -> None:
-    """A backbone keeps its contract for `spec`: `initial_state` is (B, S, D) twice; `forward`
-    returns the new state, (B, L, V) logits and (B, 2) fp32 q-logits (and optionally a dict of
-    (B,) losses); a backward reaches the parameters; the cost figures are sane. The backward
-    leaves gradients in the backbone: they are set to None at the end."""
-    assert isinstance(backbone, Backbone), f"{type(backbone).__name__} is not a Backbone (see dis_core.interfaces.Backbone)"
+    """A backbone keeps its contract for `spec`: `initial_state` is None, a tensor or a tuple of
+    tensors with the B slots first; `forward` returns a state of that structure and those shapes,
+    (B, L, V) logits and (B, 2) fp32 q-logits (None without a `HaltingHead`; optionally a dict
+    of (B,) losses), also when fed its own state back; a backward reaches the parameters; the
+    cost figures are sane. The backward leaves gradients in the backbone: they are set to None
+    at the end."""
+    _conforms(backbone, "backbone", Backbone)
     assert isinstance(backbone, torch.nn.Module), f"{type(backbone).__name__} is not a torch.nn.Module"
-    assert isinstance(backbone.q_head, torch.nn.Module), "q_head is not an nn.Module"
-    B, D, P, L, V = batch_size, backbone.hidden_size, backbone.prefix_len, spec.seq_len, spec.vocab_size
-    y, z = backbone.initial_state(B)
-    assert y.shape == z.shape == (B, P + L, D), (
-        f"initial_state({B}) gave shapes {tuple(y.shape)}, {tuple(z.shape)}; expected ({B}, {P + L}, {D}) = (batch, prefix_len + seq_len, hidden_size)"
-    )
+    has_head = isinstance(backbone, HaltingHead)
+    assert not has_head or isinstance(backbone.q_head, torch.nn.Module), "q_head is not an nn.Module"
+    B, P, L, V = batch_size, backbone.prefix_len, spec.seq_len, spec.vocab_size
+    start = backbone.initial_state(B)
+    _plugin_error(check_state, start, B, "the backbone")
     tokens = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(0))
-    ndim = backbone.puzzle_emb_ndim
+    ndim = compat.puzzle_emb_ndim_of(backbone)
     emb = torch.randn(B, ndim, generator=torch.Generator().manual_seed(1)) if ndim else None
     step = torch.tensor([1 + i % n_sup for i in range(B)])
+
+    def forward(state, step):
+        try:
+            out = backbone(state, tokens, step, emb)
+        except Exception as exc:
+            raise AssertionError(f"forward raised {type(exc).__name__}: {exc} (called with the state initial_state({B}) "
+                                 f"gave or forward returned, tokens {tuple(tokens.shape)} in [0, {V}), step "
+                                 f"{step.tolist()}, puzzle_emb {'None' if emb is None else tuple(emb.shape)})") from exc
+        return _plugin_error(check_step_output, out, batch=B, seq_len=L, vocab_size=V, who="the backbone", start=start)
+
+    state, logits, q, extra = forward(start, step)
+    assert not has_head or q is not None, "the backbone has a q_head but forward returned no q-logits"
+    assert torch.isfinite(logits).all() and (q is None or torch.isfinite(q).all()), "forward gave non-finite logits or q-logits"
     try:
-        out = backbone((y, z), tokens, step, emb)
-    except Exception as exc:
-        raise AssertionError(f"forward raised {type(exc).__name__}: {exc} (called with state ({B}, {P + L}, {D}) twice, "
-                             f"tokens {tuple(tokens.shape)} in [0, {V}), step {step.tolist()}, puzzle_emb "
-                             f"{'None' if emb is None else tuple(emb.shape)})") from exc
-    (y2, z2), logits, q, extra = _plugin_error(
-        check_step_output, out, batch=B, seq_len=L, vocab_size=V, prefix_len=P, hidden_size=D, who="the backbone")
-    assert torch.isfinite(logits).all() and torch.isfinite(q).all(), "forward gave non-finite logits or q-logits"
-    try:
-        (logits.float().logsumexp(-1).mean() + q.sum() + sum(v.sum() for v in extra.values())).backward()
+        loss = logits.float().logsumexp(-1).mean() + sum(v.sum() for v in extra.values())
+        (loss if q is None else loss + q.sum()).backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.parameters()), (
             "no gradient reaches the parameters from the logits (is the state detached inside forward?)"
         )
     finally:
         backbone.zero_grad(set_to_none=True)
+    with torch.no_grad():  # the next supervision step starts from the state this one returned
+        forward(state, torch.clamp(step + 1, max=n_sup))
     calls, grad_calls = backbone.calls_per_step()
     assert isinstance(calls, int) and isinstance(grad_calls, int) and 1 <= grad_calls <= calls, (
         f"calls_per_step() = ({calls}, {grad_calls}); expected integers with 1 <= with-gradient <= all"
@@ -290,9 +328,10 @@ def check_halting(h: HaltingStrategy, *, n_sup: int | None = None, batch_size: i
     """A halting strategy keeps its contract: `halt` returns (B,) bool, True at `max_steps`
     (never later; `max_steps <= n_sup` when given), the same decisions for the same generator
     seed, in training and evaluation; `loss` (and `continue_loss` when used) are (B,) fp32."""
-    assert isinstance(h, HaltingStrategy), f"{type(h).__name__} is not a HaltingStrategy (see dis_core.interfaces.HaltingStrategy)"
-    for attr in ("uses_q_head", "uses_continue_loss"):
-        assert isinstance(getattr(h, attr), bool), f"{attr} is a {type(getattr(h, attr)).__name__}; declare True or False"
+    _conforms(h, "halting", HaltingStrategy)
+    uses_continue = compat.member(h, "halting", "uses_continue_loss")
+    for attr, value in (("uses_q_head", h.uses_q_head), ("uses_continue_loss", uses_continue)):
+        assert isinstance(value, bool), f"{attr} is a {type(value).__name__}; declare True or False"
     assert isinstance(h.max_steps, int) and h.max_steps >= 1, f"max_steps = {h.max_steps!r}"
     if n_sup is not None:
         assert h.max_steps <= n_sup, f"max_steps = {h.max_steps} > n_sup = {n_sup}: targets exist only for n_sup steps"
@@ -303,7 +342,7 @@ def check_halting(h: HaltingStrategy, *, n_sup: int | None = None, batch_size: i
     B = batch_size
     q = torch.randn(B, 2, generator=torch.Generator().manual_seed(5))
     _plugin_error(check_per_slot_loss, h.loss(q, torch.arange(B) % 2 == 0), B, "the halting strategy", "loss")
-    if h.uses_continue_loss:
+    if uses_continue:
         nxt = torch.randn(B, 2, generator=torch.Generator().manual_seed(6))
         _plugin_error(check_per_slot_loss, h.continue_loss(q, nxt, torch.arange(B) % 3 == 0), B, "the halting strategy", "continue_loss")
 
@@ -337,12 +376,15 @@ def run_ranks(ev: Evaluator, records: Iterable[EvalRecord], out_dir: Path | None
 
 def check_evaluator(ev: Evaluator, task: Task, *, perfect: Iterable[str] = (), n_steps: int = 3, limit: int = 32,
                     out_dir: Path | None = None) -> dict[str, float]:
-    """An evaluator keeps its contract on `task`'s test examples: a `headline` string; state
+    """An evaluator keeps its contract on `task`'s test examples: a `headline` naming one of
+    its metrics (without one, written against contract 1.0: a `DisContractWarning`); state
     picklable; metrics a dict of numbers; the metrics of two fake ranks merged equal those of
     one pass; imperfect predictions score otherwise than perfect ones; and each metric named in
     `perfect` is 1.0 for perfect predictions. Returns the metrics of perfect predictions."""
-    assert isinstance(ev, Evaluator), f"{type(ev).__name__} is not an Evaluator (see dis_core.interfaces.Evaluator)"
-    assert isinstance(ev.headline, str) and ev.headline, f"headline is {ev.headline!r}; name the metric that says how well the task is solved"
+    _conforms(ev, "evaluator", Evaluator)
+    declared = compat.member(ev, "evaluator", "headline")
+    assert declared is None or (isinstance(declared, str) and declared), (
+        f"headline is {declared!r}; name the metric that says how well the task is solved")
     out_dir = Path(tempfile.mkdtemp(prefix="dis-testing-")) if out_dir is None else Path(out_dir)
     ds = task.dataset("test")
     batch = fetch(ds, np.arange(min(len(ds), limit)))
@@ -357,7 +399,7 @@ def check_evaluator(ev: Evaluator, task: Task, *, perfect: Iterable[str] = (), n
     for key in perfect:
         assert key in best, f"perfect predictions give no metric {key!r}; the metrics are {sorted(best)}"
         assert best[key] == 1.0, f"perfect predictions score {key} = {best[key]}, not 1.0"
-    assert ev.headline in best, f"headline {ev.headline!r} is not among the metrics {sorted(best)}"
+    assert declared is None or declared in best, f"headline {declared!r} is not among the metrics {sorted(best)}"
 
     # Imperfect predictions, varied steps and confidences: merging two halves equals one pass.
     preds = oracle[:, None].expand(B, N, L).clone()

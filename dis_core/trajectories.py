@@ -44,7 +44,7 @@ from dis_core.data import fetch
 from dis_core.diagnostics import sample_indices
 from dis_core.interfaces import IGNORE, RenderableTask
 from dis_core.selection import POOL, Choice, Verdict, pick, verdicts
-from dis_core.supervision import Rollout, rollout
+from dis_core.supervision import Rollout
 
 log = structlog.get_logger()
 
@@ -69,16 +69,15 @@ def _rows(parts: list[tuple[dict, Rollout, np.ndarray]]) -> tuple[dict, Rollout]
 
 
 @torch.inference_mode()
-def run_examples(backbone, puzzle_emb, dataset, rule, halting, n: int, *, device, bf16: bool = False,
-                 examples: "str | Choice | None" = None, evaluators=None, task=None):
+def run_examples(solver, dataset, n: int, *, examples: "str | Choice | None" = None):
     """(batch, Rollout), on the CPU, for up to `n` examples of `dataset` chosen by `examples`
-    (default `random`); `evaluators` give the verdicts `failures` picks by."""
+    (default `random`), run by `solver` (a `dis_core.solver.Solver`); its evaluators give the
+    verdicts `failures` picks by."""
     choice = Choice.parse(examples)
 
     def run(idx: np.ndarray) -> tuple[dict, Rollout]:
-        batch = fetch(dataset, idx, device)
-        emb = puzzle_emb(batch["puzzle_ids"]) if puzzle_emb is not None else None
-        return _cpu(batch, rollout(backbone, batch, rule, halting, puzzle_emb=emb, bf16=bf16))
+        batch = fetch(dataset, idx, solver.device)
+        return _cpu(batch, solver.rollout(batch))
 
     if choice.how != "failures":
         return run(pick(dataset, n, choice))
@@ -86,7 +85,7 @@ def run_examples(backbone, puzzle_emb, dataset, rule, halting, n: int, *, device
     pool, parts, found = sample_indices(len(dataset), POOL, choice.seed), [], 0
     for lo in range(0, len(pool), CHUNK):
         batch, result = run(pool[lo: lo + CHUNK])
-        failed = np.array([v is not None and not v.ok for v in verdicts(batch, result, evaluators, task)], dtype=bool)
+        failed = np.array([v is not None and not v.ok for v in verdicts(batch, result, solver.evaluators, solver.task)], dtype=bool)
         keep = np.flatnonzero(failed)[: max(0, int(n) - found)]
         parts.append((batch, result, torch.from_numpy(keep)))
         found += len(keep)
@@ -111,40 +110,31 @@ def target_frames(targets, batch: dict, n_sup: int, seed: int) -> torch.Tensor |
     return frames
 
 
-def pictures(task, backbone, puzzle_emb, dataset, rule, halting, n: int, out_dir: Path, *, device, bf16: bool = False,
-             examples=None, evaluators=None, targets=None, n_sup: int = 0, seed: int = 0, title: str = "") -> list[Path]:
-    """Choose, run, judge and draw: the PNGs (and index.html) of up to `n` examples of `dataset`."""
+def pictures(solver, dataset, n: int, out_dir: Path, *, examples=None, title: str = "") -> list[Path]:
+    """Choose, run, judge and draw: the PNGs (and index.html) of up to `n` examples of `dataset`
+    as `solver` answers them, with the per-step targets its generator gives them (drawn as
+    training seeds them, `train.seed`)."""
     choice = Choice.parse(examples)
-    batch, result = run_examples(backbone, puzzle_emb, dataset, rule, halting, n, device=device, bf16=bf16,
-                                 examples=choice, evaluators=evaluators, task=task)
-    frames = target_frames(targets, batch, n_sup, seed)
-    return draw(task, batch, result, out_dir, title=title, evaluators=evaluators, targets=frames, examples=choice)
+    batch, result = run_examples(solver, dataset, n, examples=choice)
+    frames = target_frames(solver.targets, batch, solver.rule.n_sup, solver.recipe.train.seed)
+    return draw(solver.task, batch, result, out_dir, title=title, evaluators=solver.evaluators, targets=frames, examples=choice)
 
 
 def for_model(model, n: int, out_dir: Path, *, examples=None, dataset=None, title: str = "") -> list[Path]:
     """`dis eval --trajectories N [--examples ...]`: pictures of a loaded `dis_core.load` model."""
-    recipe = model.recipe
-    return pictures(model.task, model.backbone, model.puzzle_emb, dataset if dataset is not None else model.task.dataset("test"),
-                    model.rule, model.halting, n, Path(out_dir), device=model.device, bf16=model.bf16, examples=examples,
-                    evaluators=model.evaluators, targets=model.components.targets, n_sup=recipe.supervision.n_sup,
-                    seed=recipe.train.seed, title=title or f"{model.run_dir.name} · {model.checkpoint.name} · {model.weights} weights")
+    return pictures(model.solver, dataset if dataset is not None else model.task.dataset("test"), n, Path(out_dir),
+                    examples=examples, title=title or f"{model.run_dir.name} · {model.checkpoint.name} · {model.weights} weights")
 
 
-def at_evaluation(trainer) -> list[Path]:
-    """`train.eval_trajectories = N`: pictures of N test examples (the default choice, `random`,
-    so each evaluation shows the same ones) into RUN_DIR/eval/step_<step>/trajectories/, handed to
-    the run's loggers. Rank 0 only; called by the trainer's evaluation (the EMA weights in place)."""
-    n = trainer.train_cfg.eval_trajectories
-    if not n or trainer.rank != 0:
-        return []
-    comp = trainer.comp
-    out = trainer.run.path / "eval" / f"step_{trainer.step}" / "trajectories"
-    paths = pictures(comp.task, trainer.engine.module.backbone, trainer.puzzle_emb, trainer.test_set, trainer.rule, comp.halting, n,
-                     out, device=trainer.device, bf16=trainer.precision == "bf16", evaluators=comp.evaluators,
-                     targets=comp.targets, n_sup=trainer.rule.n_sup, seed=trainer.train_cfg.seed,
-                     title=f"{trainer.run.path.name} · step {trainer.step}")
-    if trainer.run.loggers:
-        trainer.run.loggers.images(trainer.step, paths)
+def at_evaluation(solver, dataset, n: int, run, step: int) -> list[Path]:
+    """`train.eval_trajectories = N`: pictures of N examples of `dataset` (the test split; the
+    default choice, `random`, so each evaluation shows the same ones) into
+    RUN_DIR/eval/step_<step>/trajectories/, handed to the run's loggers. `run`: the RunDir.
+    Called on rank 0 by the trainer's evaluation (the EMA weights in place)."""
+    out = run.path / "eval" / f"step_{step}" / "trajectories"
+    paths = pictures(solver, dataset, n, out, title=f"{run.path.name} · step {step}")
+    if run.loggers:
+        run.loggers.images(step, paths)
     return paths
 
 

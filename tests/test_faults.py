@@ -35,7 +35,7 @@ if kind == "kill_in_step":  # after backward, before the optimizer step of step 
         init(self, *args, **kwargs)
         step = self.engine.step
         def dying_step(*a, **k):
-            if self.step == n:
+            if self.state.step == n:
                 os.kill(os.getpid(), signal.SIGKILL)
             return step(*a, **k)
         self.engine.step = dying_step
@@ -51,7 +51,7 @@ elif kind == "kill_in_checkpoint":  # half-way through writing step n's model fi
 elif kind in ("fail_rank1", "kill_rank1"):  # rank 1 fails (or is killed) at step n
     train_step = T.Trainer.train_step
     def failing(self):
-        if self.rank == 1 and self.step + 1 == n:
+        if self.rank == 1 and self.state.step + 1 == n:
             if kind == "kill_rank1":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise DataError("boards.csv:7: answer breaks a row constraint")

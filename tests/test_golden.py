@@ -231,17 +231,18 @@ def replay(trace: dict, tmp_path: Path, *, step_input: str | None = None, pertur
     path = tmp_path / "golden.toml"
     path.write_text(recipe_text(trace, step_input))
     trainer = Trainer(load_recipe(path, registry), registry, tmp_path / "run", data_dir=tmp_path / "data")
-    backbone = trainer.engine.module.backbone
+    solver, state = trainer.solver, trainer.state
+    backbone = solver.backbone
     initial = to_dis(trace["initial"], trm=True)
     if perturb:
         initial = {k: torch.nextafter(v, torch.full_like(v, np.inf)) if v.is_floating_point() else v for k, v in initial.items()}
     missing, unexpected = backbone.load_state_dict(initial, strict=False)
     assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
-    trainer.puzzle_emb.weights.copy_(trace["initial"]["inner.puzzle_emb.weights"])
-    if trainer.ema is not None:  # the shadow starts from the weights just loaded, as the reference's does
-        for name, p in trainer.ema._params:
-            trainer.ema.shadow[name].copy_(p.detach())
-    trainer.stream = Sequential()
+    solver.puzzle_emb.weights.copy_(trace["initial"]["inner.puzzle_emb.weights"])
+    if state.ema is not None:  # the shadow starts from the weights just loaded, as the reference's does
+        for name, p in state.ema._params:
+            state.ema.shadow[name].copy_(p.detach())
+    state.stream = Sequential()
 
     seen: dict = {}
     optimizer = trainer.engine.optimizer
@@ -254,17 +255,17 @@ def replay(trace: dict, tmp_path: Path, *, step_input: str | None = None, pertur
 
     optimizer.step = step_and_record
     for t, step in enumerate(trace["steps"], start=1):
-        refilled = trainer.carry.halted.clone()
+        refilled = state.carry.halted.clone()
         trainer._refill()  # what train_step does first; repeated calls are no-ops
-        seen["tokens"] = trainer.carry.tokens.clone()
+        seen["tokens"] = state.carry.tokens.clone()
         out = trainer.train_step()
         seen["logits"], seen["q"], seen["loss"] = out.logits.detach(), out.q.detach(), out.loss.detach()
-        seen["refilled"], seen["halted"], seen["steps"] = refilled, trainer.carry.halted.clone(), trainer.carry.steps.clone()
+        seen["refilled"], seen["halted"], seen["steps"] = refilled, state.carry.halted.clone(), state.carry.steps.clone()
         yield t, step, trainer, seen
 
 
 def dense(trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in trainer.engine.module.backbone.state_dict().items()}
+    return {k: v.detach() for k, v in trainer.solver.backbone.state_dict().items()}
 
 
 def weight_problems(trainer, official: dict, budget: Budget, where: str) -> list[str]:
@@ -273,7 +274,7 @@ def weight_problems(trainer, official: dict, budget: Budget, where: str) -> list
         diff = (ours[name].float() - value.float()).abs().max().item()
         if diff > budget.weights:
             problems.append(f"{where}: weight {name} differs by {diff:.2e}")
-    table = (trainer.puzzle_emb.weights - official["inner.puzzle_emb.weights"]).abs().max().item()
+    table = (trainer.solver.puzzle_emb.weights - official["inner.puzzle_emb.weights"]).abs().max().item()
     if table > budget.weights:
         problems.append(f"{where}: puzzle table differs by {table:.2e}")
     return problems
@@ -282,7 +283,7 @@ def weight_problems(trainer, official: dict, budget: Budget, where: str) -> list
 def ema_problems(trainer, official: dict, budget: Budget) -> list[str]:
     """The EMA shadow against the official helper's, parameter by parameter (dis keeps no shadow
     of a frozen, unused q-head; the reference averages it with itself)."""
-    shadow = {name.removeprefix("backbone."): v for name, v in trainer.ema.shadow.items()}
+    shadow = {name.removeprefix("backbone."): v for name, v in trainer.state.ema.shadow.items()}
     problems = []
     for name, value in to_dis(official, trm=True).items():
         if name not in shadow:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dis_core.interfaces import IGNORE, BuildContext
-from dis_core.supervision import Answer, StepRule, advantage_margin, rollout
+from dis_core.guidance import Answer, advantage_margin
+from dis_core.supervision import StepRule, rollout
 from dis_plugins.backbones.hrm import HRM, HRMConfig
 from dis_plugins.backbones.trm import TRM, TRMConfig
 from dis_plugins.halting import ACTConfig, FixedConfig, build_act, build_fixed
@@ -234,10 +235,10 @@ def test_an_adaptive_rule_reports_fewer_calls(tmp_path, registry):
 
 def test_a_dis_run_can_train_the_q_head(tmp_path, registry):
     trainer = _trainer(tmp_path, registry, ["halting.name=fixed", "halting.config.q_head=true", "halting.config.eval_halt=q_head"])
-    assert trainer.engine.module.backbone.q_head.weight.requires_grad
+    assert trainer.solver.backbone.q_head.weight.requires_grad
     out = trainer.train_step()
-    assert set(out.losses) == {"token", "q_halt"}
-    assert trainer.carry.steps.max() <= 3  # training still runs n_sup steps per slot
+    assert set(out.losses) == {"ce", "halt"}
+    assert trainer.state.carry.steps.max() <= 3  # training still runs n_sup steps per slot
     m = trainer.evaluate()
     assert 1 <= m["diagnostics/mean_steps"] <= 3
 
@@ -245,11 +246,11 @@ def test_a_dis_run_can_train_the_q_head(tmp_path, registry):
 def test_the_console_shows_each_w_by_its_headline_only(tmp_path, registry):
     trainer = _trainer(tmp_path, registry, ["eval.guidance=[0, 1]"])
     swept = trainer.evaluate()
-    shown = {k for k in swept if trainer._console_metric(k)}
-    heads = {f"{name}/{ev.headline}" for name, ev in trainer.comp.evaluators.items()}
-    assert {k for k in shown if "@w=" in k} == {f"{h}@w={w}" for h in heads for w in ("0", "1")}
-    from dis_core.metrics import is_per_step
+    from dis_core.metrics import is_per_step, on_console
 
+    shown = {k for k in swept if on_console(k, trainer.solver.evaluators)}
+    heads = {f"{name}/{ev.headline}" for name, ev in trainer.solver.evaluators.items()}
+    assert {k for k in shown if "@w=" in k} == {f"{h}@w={w}" for h in heads for w in ("0", "1")}
     assert {k for k in shown if "@w=" not in k} == {k for k in swept if "@w=" not in k and not is_per_step(k)}
     # evaluators that write no files leave no empty folders under eval/
     assert not (tmp_path / "run" / "eval").exists() or not any(p.is_dir() for p in (tmp_path / "run" / "eval").rglob("*"))

@@ -1,11 +1,14 @@
-"""Halting strategies: `fixed` and TRM's learned `act` (docs/reference.md#act-halting-and-the-carry)."""
+"""Halting strategies: `fixed` and TRM's learned `act` (docs/reference.md#act-halting-and-the-carry),
+and how the supervision step pairs them with the backbone's q-head and logs their loss terms."""
 
+import json
 import math
 
 import pytest
 import torch
 
-from dis_core.interfaces import BuildContext, HaltingStrategy
+from dis_core.interfaces import BuildContext, HaltingStrategy, TaskSpec
+from dis_core.supervision import StepRule, SupervisedStep
 from dis_plugins.halting import ACTConfig, FixedConfig, build_act, build_fixed
 
 N_SUP = 6
@@ -118,3 +121,46 @@ def test_continue_loss_target(tmp_path):
     torch.testing.assert_close(loss, torch.tensor(want))
     loss.sum().backward()
     assert qs.grad[:, 0].abs().sum() == 0 and qs.grad[:, 1].abs().sum() > 0  # only q_continue is trained
+
+
+# ------------------------------------------------------------------ the step pairs the strategy with the backbone's head
+
+
+def tiny_trm(tmp_path):
+    from dis_plugins.backbones.trm import TRMConfig, build_trm
+
+    spec = TaskSpec(vocab_size=3, seq_len=4)
+    return build_trm(TRMConfig(hidden_size=16, num_layers=1, num_heads=2, expansion=2.0),
+                     BuildContext(seed=0, n_sup=N_SUP, data_dir=tmp_path, spec=spec))
+
+
+def test_the_step_freezes_a_q_head_its_halting_does_not_use(tmp_path):
+    """DeepSpeed would give an unused head zero gradients and AdamW would decay it; the reference
+    leaves it untouched. The step, which owns backbone and halting, freezes it."""
+    fixed = build_fixed(FixedConfig(), BuildContext(seed=0, n_sup=N_SUP, data_dir=tmp_path))
+    unused = SupervisedStep(tiny_trm(tmp_path), fixed, StepRule(n_sup=N_SUP))
+    frozen = {n for n, p in unused.named_parameters() if not p.requires_grad}
+    assert frozen == {"backbone.q_head.weight", "backbone.q_head.bias"}
+    trained_head = build_fixed(FixedConfig(q_head=True), BuildContext(seed=0, n_sup=N_SUP, data_dir=tmp_path))
+    for halting in (make_act(tmp_path), trained_head):
+        assert all(p.requires_grad for p in SupervisedStep(tiny_trm(tmp_path), halting, StepRule(n_sup=N_SUP)).parameters())
+
+
+def test_each_loss_term_is_logged_as_the_total_is(tmp_path, registry):
+    """`act` with HRM's Q-continue loss: train/loss_ce, train/loss_halt and train/loss_continue
+    are per-slot means like train/loss, and add up to it."""
+    from conftest import tiny_recipe
+
+    from dis_core.recipe import load_recipe
+    from dis_core.trainer import Trainer
+
+    path = tiny_recipe(tmp_path, steps=4, extra='[halting]\nname = "act"\nconfig = { continue_loss = true }\n')
+    Trainer(load_recipe(path, registry), registry, tmp_path / "run", data_dir=tmp_path / "data").fit(registry)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == 4
+    for r in train:
+        terms = {k: v for k, v in r.items() if k.startswith("train/loss_")}
+        assert set(terms) == {"train/loss_ce", "train/loss_halt", "train/loss_continue"}
+        assert all(v > 0 for v in terms.values())
+        assert sum(terms.values()) == pytest.approx(r["train/loss"], rel=1e-5)

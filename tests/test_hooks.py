@@ -141,6 +141,26 @@ def test_factories_get_the_documented_build_context(tmp_path):
     assert list(comp.evaluators) == ["probe"]
 
 
+def test_every_build_context_member_is_documented():
+    # docs/hooks.md's BuildContext table has a row per field (by the name a factory uses:
+    # `spec` for `_spec`) and per method, and no other: a new field is a contract addition.
+    import re
+
+    import attrs
+
+    from dis_core.interfaces import BuildContext
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "hooks.md").read_text()
+    table = text[text.index("| `BuildContext` member |"):]
+    table = table[:table.index("\n\n")].splitlines()[2:]  # past the header and its rule
+    rows = {re.match(r"\| `(\w+)", line).group(1) for line in table}
+    assert rows == {f.alias for f in attrs.fields(BuildContext)} | {"fail", "build"}
+    ctx = BuildContext(seed=0, n_sup=1, data_dir=ROOT)
+    assert (ctx.rank, ctx.world_size) == (0, 1)  # a process running alone (contract 1.3)
+
+
 def test_factory_errors_surface_as_documented(tmp_path):
     data = _probe_recipe()
     failing = Probe(fail={"backbone": ValueError("width must be even")})
@@ -288,17 +308,17 @@ def test_inline_components_of_every_kind_train_and_evaluate(tmp_path):
     assert (tmp_path / "run" / "eval" / "step_4" / "count" / "count.txt").read_text() == "12"
     assert not (tmp_path / "run" / "eval" / "step_4" / "exact").exists()  # wrote nothing: no empty folder
     assert "exact/accuracy" in summary and rec.updates >= 1
-    pickle.dumps(trainer.comp.evaluators["count"].state())
+    pickle.dumps(trainer.solver.evaluators["count"].state())
     # optimizer: made once, on the backbone's trainable parameters, and its lr kept at the base
     (opt,) = rec.optimizers
     n_params = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert n_params == sum(p.numel() for p in trainer.comp.backbone.parameters() if p.requires_grad)
+    assert n_params == sum(p.numel() for p in trainer.solver.backbone.parameters() if p.requires_grad)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
     # targets: once for the targets report (CPU sample), then at each refill (steps 1 and 4)
     assert [n for _, n, _ in rec.target_calls] == [3, 3, 3] and all(g for _, _, g in rec.target_calls)
     assert [shape for shape, _, _ in rec.target_calls] == [(256, 25), (8, 25), (8, 25)]  # report sample: 256 of 360
-    labels = trainer.carry.batch["labels"]
-    assert (trainer.carry.targets[:, -1] == labels).all() and (labels != IGNORE).all()
+    labels = trainer.state.carry.batch["labels"]
+    assert (trainer.state.carry.targets[:, -1] == labels).all() and (labels != IGNORE).all()
 
 
 # ------------------------------------------------------------------ the examples in docs/hooks.md

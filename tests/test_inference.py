@@ -310,7 +310,7 @@ threads = 1
     out = tmp_path / "run"
     trainer = Trainer(load_recipe(recipe, registry), registry, out, data_dir=tmp_path / "data")
     trainer.fit(registry)
-    bank = trainer.comp.task.bank("test")
+    bank = trainer.solver.task.bank("test")
     rows = ["source,question,answer,rating"] + [
         f"t,{''.join(str(d) if d else '.' for d in q)},{''.join(map(str, a))},0"
         for q, a in zip(bank["question"][:3].tolist(), bank["solution"][:3].tolist())

@@ -175,6 +175,29 @@ def test_no_import_circles_even_through_function_level_imports(monkeypatch):
         assert not cycles, f"import circles among {layer}* modules: {cycles}"
 
 
+# The contract layer: what a plugin is written against. It must stand without the wiring
+# (registry, plugin loading, recipes, building) that is written against it.
+CONTRACT = {"dis_core.interfaces", "dis_core.errors", "dis_core.slots", "dis_core.hookspecs", "dis_core.compat"}
+
+
+def reached(module: str) -> set[str]:
+    """Every dis_core module `module` imports, directly or not, function-level imports included
+    (the package module `dis_core` itself left out: its names are re-exports)."""
+    seen, todo = set(), [module]
+    while todo:
+        for target in imports(todo.pop(), load_time=False):
+            if target.startswith("dis_core.") and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_contract_imports_no_wiring():
+    for module in sorted(CONTRACT):
+        outside = reached(module) - CONTRACT
+        assert not outside, f"{MODULES[module].relative_to(ROOT)} reaches {sorted(outside)}, outside the contract layer"
+
+
 def test_the_checks_see_a_breach_and_a_circle(tmp_path, monkeypatch):
     # The rules above pass on this tree; make sure they would not pass vacuously.
     for name, text in {"a": "from dis_core import b\n", "b": "import dis_core.a\n",
@@ -188,3 +211,7 @@ def test_the_checks_see_a_breach_and_a_circle(tmp_path, monkeypatch):
     assert _may_import("dis_plugins.tasks.sudoku", "dis_plugins.tasks.sudoku_puzzles", [])
     assert _may_import("dis_plugins.tasks.arc.task", "dis_plugins.tasks.arc.encoding", ["dis_plugins.tasks.arc"])
     assert not _may_import("dis_plugins.tasks.arc.task", "dis_plugins.tasks.nqueens", ["dis_plugins.tasks.arc"])
+    # the contract check sees a deferred import of the wiring (what BuildContext.build once had)
+    (tmp_path / "d.py").write_text("def build():\n    from dis_core.plugins import load_registry\n")
+    monkeypatch.setitem(fake, "dis_core.d", tmp_path / "d.py")
+    assert {"dis_core.plugins", "dis_core.registry"} <= reached("dis_core.d")

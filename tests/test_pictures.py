@@ -13,12 +13,12 @@ import torch
 from structlog.testing import capture_logs
 
 from dis_core import cli, trajectories
-from dis_core.build import build_components
 from dis_core.diagnostics import sample_indices
 from dis_core.errors import UserError
 from dis_core.kit import check_recipe, show_examples
 from dis_core.recipe import load_recipe
-from dis_core.supervision import Rollout, StepRule
+from dis_core.solver import Solver
+from dis_core.supervision import Rollout
 from dis_core.selection import Choice, Verdict, pick, verdicts
 from dis_core.trajectories import columns
 from dis_plugins.evaluators import ExactEvaluator
@@ -168,23 +168,23 @@ def test_pick_random_hardest_first_and_ids(task):
         pick(test, 1, Choice.parse("failures"))
 
 
-def fake_rollout(solved):
-    """A rollout that answers the examples `solved(id)` with their label, the others with the question."""
+def fake_solver(task, solved, *, evaluators=None, targets=None, n_sup: int = 2):
+    """A solver whose rollout answers the examples `solved(id)` with their label, the others with the question."""
 
-    def run(backbone, batch, rule, halting, *, puzzle_emb=None, bf16=False):
+    def rollout(batch, **options):
         good = torch.tensor([bool(solved(int(i))) for i in batch["example_ids"]])[:, None]
         answer = torch.where(good, batch["labels"], batch["inputs"])
         return Rollout(preds=answer[:, None].expand(-1, 2, -1), q_halt=torch.zeros(len(answer)), steps=torch.full((len(answer),), 2))
 
-    return run
+    return SimpleNamespace(task=task, evaluators=evaluators or {}, targets=targets, rule=SimpleNamespace(n_sup=n_sup), device="cpu",
+                           recipe=SimpleNamespace(train=SimpleNamespace(seed=0)), rollout=rollout)
 
 
 def test_failures_picks_only_examples_the_task_rejects(task, monkeypatch, tmp_path):
-    monkeypatch.setattr(trajectories, "rollout", fake_rollout(lambda i: i % 2 == 0))
     monkeypatch.setattr(trajectories, "CHUNK", 4)  # several batches of the search, concatenated
     evaluators = {"nqueens": NQueensEvaluator(N)}
-    batch, result = trajectories.run_examples(None, None, task.dataset("test"), None, None, 3, device="cpu",
-                                              examples="failures", evaluators=evaluators)
+    solver = fake_solver(task, lambda i: i % 2 == 0, evaluators=evaluators)
+    batch, result = trajectories.run_examples(solver, task.dataset("test"), 3, examples="failures")
     assert batch["example_ids"].tolist() == [1, 3, 5]  # the odd ones fail (a question lacks queens)
     assert (result.preds[:, -1] == batch["inputs"]).all()  # their rows as the search ran them
     assert all(not v.ok for v in verdicts(batch, result, evaluators))
@@ -193,24 +193,19 @@ def test_failures_picks_only_examples_the_task_rejects(task, monkeypatch, tmp_pa
     page = (tmp_path / "f" / "index.html").read_text()
     assert "that the task&#x27;s verdict rejects" in page and page.count("invalid (the task&#x27;s answer check)</figcaption>") == 3
 
-    monkeypatch.setattr(trajectories, "rollout", fake_rollout(lambda i: True))
-    batch, result = trajectories.run_examples(None, None, task.dataset("test"), None, None, 3, device="cpu",
-                                              examples="failures", evaluators=evaluators)
+    solver = fake_solver(task, lambda i: True, evaluators=evaluators)
+    batch, result = trajectories.run_examples(solver, task.dataset("test"), 3, examples="failures")
     assert len(batch["inputs"]) == 0
     assert trajectories.draw(task, batch, result, tmp_path / "none", examples="failures") == []
     assert "None was found." in (tmp_path / "none" / "index.html").read_text()
 
 
-def test_training_time_pictures_show_the_same_random_examples_with_targets(task, monkeypatch, tmp_path):
-    monkeypatch.setattr(trajectories, "rollout", fake_rollout(lambda i: i == 9))
+def test_training_time_pictures_show_the_same_random_examples_with_targets(task, tmp_path):
     sent = []
-    comp = SimpleNamespace(task=task, halting=None, evaluators={"nqueens": NQueensEvaluator(N)},
-                           targets=lambda batch, n_sup, gen: task.solver_trajectory(batch, n_sup))
-    trainer = SimpleNamespace(train_cfg=SimpleNamespace(eval_trajectories=2, seed=0), rank=0, comp=comp, step=6,
-                              engine=SimpleNamespace(module=SimpleNamespace(backbone=None)), puzzle_emb=None,
-                              test_set=task.dataset("test"), rule=SimpleNamespace(n_sup=2), device="cpu", precision="fp32",
-                              run=SimpleNamespace(path=tmp_path / "run", loggers=SimpleNamespace(images=lambda s, p: sent.append((s, p)))))
-    paths = trajectories.at_evaluation(trainer)
+    solver = fake_solver(task, lambda i: i == 9, evaluators={"nqueens": NQueensEvaluator(N)},
+                         targets=lambda batch, n_sup, gen: task.solver_trajectory(batch, n_sup))
+    run = SimpleNamespace(path=tmp_path / "run", loggers=SimpleNamespace(images=lambda s, p: sent.append((s, p))))
+    paths = trajectories.at_evaluation(solver, task.dataset("test"), 2, run, 6)
     assert [p.name for p in paths] == ["example_000007.png", "example_000009.png"]  # sample_indices(12, 2, 0)
     assert sent == [(6, paths)] and all(p.is_file() for p in paths)
     page = (tmp_path / "run" / "eval" / "step_6" / "trajectories" / "index.html").read_text()
@@ -234,11 +229,9 @@ def test_target_frames_only_when_the_run_has_per_step_targets(task):
 
 def test_pictures_of_a_loaded_model_use_its_evaluators_targets_and_choice(tmp_path, registry):
     resolved = load_recipe(tiny_recipe(tmp_path), registry)
-    comp = build_components(resolved, registry, tmp_path / "data")
-    model = SimpleNamespace(recipe=resolved.recipe, task=comp.task, backbone=comp.backbone, puzzle_emb=None,
-                            rule=StepRule.of(resolved.recipe.supervision), halting=comp.halting, device="cpu", bf16=False,
-                            evaluators=comp.evaluators, components=comp, run_dir=tmp_path / "run", checkpoint=Path("step_6"),
-                            weights="trained")
+    model = SimpleNamespace(solver=Solver.build(resolved, registry, tmp_path / "data"), task=None, run_dir=tmp_path / "run",
+                            checkpoint=Path("step_6"), weights="trained")
+    model.task = model.solver.task
     paths = trajectories.for_model(model, 1, tmp_path / "pics", examples="ids:4,7")
     assert [p.name for p in paths] == ["example_000004.png", "example_000007.png"]
     page = (tmp_path / "pics" / "index.html").read_text()

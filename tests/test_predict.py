@@ -192,7 +192,7 @@ def test_a_task_without_the_checks_answers_null(model, monkeypatch):
 
     plain = Plain()
     assert isinstance(plain, PuzzleIO) and not isinstance(plain, (AnswerCheckingTask, GivensCheckingTask))
-    monkeypatch.setattr(model, "task", plain)
+    monkeypatch.setattr(model.solver.components, "task", plain)
     rows = model.predict(_boards(3))
     assert [(r["valid"], r["givens_consistent"]) for r in rows] == [(None, None)] * 3
     assert all(isinstance(r["answer"], list) for r in rows)

@@ -7,6 +7,7 @@ import pytest
 
 from dis_core import hookimpl
 from dis_core.errors import DuplicateComponentError, PluginError, UnknownComponentError
+from dis_core.interfaces import Evaluator
 from dis_core.plugins import load_registry, make_plugin_manager
 from dis_core.registry import KINDS, Registry
 
@@ -104,3 +105,102 @@ def test_trace_hooks_goes_to_stderr(monkeypatch, capsys):
     load_registry(extra_plugins=(_TargetsPlugin(),), load_entry_points=False)
     captured = capsys.readouterr()
     assert "register_target_generators" in captured.err and captured.out == ""
+
+
+# ------------------------------------------------------------------ contract versions (dis_core.compat)
+
+
+class _Cells:
+    """An evaluator of contract 1.0 (no headline)."""
+
+    def reset(self): ...
+
+    def update(self, record): ...
+
+    def state(self): ...
+
+    def compute(self, states, out_dir):
+        return {}
+
+
+def test_a_missing_deprecated_member_warns_and_a_missing_required_one_fails():
+    import warnings
+
+    from dis_core.errors import DisContractWarning
+    from dis_core.registry import Entry, check_built
+
+    entry = Entry("evaluator", "cells", _Cfg, lambda c, x: None, "cells_plugin")
+    with pytest.warns(DisContractWarning, match=r"evaluator 'cells' of plugin 'cells_plugin' \(_Cells\) has no `headline`"):
+        assert isinstance(check_built(entry, _Cells(), "$.evaluators[0]"), _Cells)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_built(entry, _Cells(), "$.evaluators[0]", reported=True)  # the registry said so when loading
+    del _Cells.update  # a 1.0 member: no default, so still a PluginError naming it
+    try:
+        with pytest.raises(PluginError, match=r"not a evaluator \(missing: update\)"):
+            check_built(entry, _Cells(), "$.evaluators[0]")
+    finally:
+        _Cells.update = lambda self, record: None
+
+
+def test_optional_additions_have_their_defaults_and_a_declared_q_continue_needs_its_method():
+    from dis_core import compat
+    from dis_core.registry import Entry, check_built
+
+    class Halting10:  # contract 1.0: no uses_continue_loss, no continue_loss
+        max_steps, uses_q_head = 2, False
+
+        def halt(self, steps, q_logits, *, training, generator): ...
+
+        def loss(self, q_logits, seq_correct): ...
+
+    class Backbone10:  # contract 1.0: no puzzle_emb_ndim
+        hidden_size, prefix_len = 8, 0
+
+        def initial_state(self, batch_size): ...
+
+        def forward(self, state, tokens, step, puzzle_emb=None): ...
+
+        def calls_per_step(self): ...
+
+        def flops_per_call(self, seq_len): ...
+
+    entry = Entry("halting", "h", _Cfg, lambda c, x: None, "p")
+    h = check_built(entry, Halting10(), "$.halting")
+    assert compat.uses_continue_loss(h) is False
+    h.uses_continue_loss = True  # declares Q-continue, but has no continue_loss
+    with pytest.raises(PluginError, match=r"missing: continue_loss \(required since uses_continue_loss is True\)"):
+        check_built(entry, h, "$.halting")
+    b = check_built(Entry("backbone", "b", _Cfg, lambda c, x: None, "p"), Backbone10(), "$.backbone")
+    assert compat.puzzle_emb_ndim_of(b) == 0
+
+
+class _SetInInit(_Cells):
+    def __init__(self):
+        self.headline = "accuracy"  # an instance attribute counts
+
+
+@attrs.frozen
+class _AttrsField(_Cells):
+    headline: str = "accuracy"
+
+
+def test_the_static_check_reads_a_factorys_return_annotation():
+    # The annotations are strings (`from __future__ import annotations`), read in this module's
+    # globals: the classes above are module-level for that reason.
+    from dis_core import compat
+
+    def notes(factory):
+        return [row.member for row, _, _ in compat.static_notes("evaluator", "e", "p", factory, Evaluator)]
+
+    def old() -> _Cells: ...
+
+    def set_in_init() -> _SetInInit: ...
+
+    def attrs_field() -> _AttrsField: ...
+
+    def protocol() -> Evaluator: ...  # says nothing about the class: left to the build-time check
+
+    assert compat.returned_class(set_in_init) is _SetInInit and compat.returned_class(attrs_field) is _AttrsField
+    assert notes(old) == ["headline"]
+    assert notes(set_in_init) == notes(attrs_field) == notes(protocol) == notes(lambda c, x: _Cells()) == []

@@ -51,12 +51,12 @@ def _poison_logits_at(trainer: Trainer, step: int) -> None:
     a chosen step; the Backbone protocol fixes the output's structure)."""
 
     def hook(module, args, out):
-        if module.training and trainer.step == step:
+        if module.training and trainer.state.step == step:
             (y, z), logits, q = out
             return (y, z), logits * float("nan"), q
         return None
 
-    trainer.engine.module.backbone.register_forward_hook(hook)
+    trainer.solver.backbone.register_forward_hook(hook)
 
 
 def _run(args: list[str], capsys) -> tuple[int, str]:
@@ -129,7 +129,7 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path, registry):
     trainer.fit(registry)
     with torch.no_grad():
         next(trainer.engine.module.parameters()).view(-1)[0] = float("inf")
-    trainer.step = 3
+    trainer.state.step = 3
     with pytest.raises(RunDiverged, match="not writing a checkpoint: non-finite values in backbone"):
         trainer.save_checkpoint()
     assert checkpoint.find_latest(out / "checkpoints", 1) == "step_2" and not (out / "checkpoints" / "step_3").exists()

@@ -71,7 +71,7 @@ def test_an_interrupt_before_the_first_checkpoint_prints_the_command_that_restar
     train_step = Trainer.train_step
 
     def interrupted_at_2(self):
-        if self.step == 2:
+        if self.state.step == 2:
             raise KeyboardInterrupt  # a second Ctrl-C: no checkpoint
         return train_step(self)
 
@@ -270,7 +270,7 @@ def test_a_signal_writes_a_checkpoint_and_restores_the_handler(tmp_path, registr
 
     def terminated_at_3():
         out = train_step()
-        if trainer.step == 3:
+        if trainer.state.step == 3:
             for _ in range(signals):  # a second one stops at once
                 os.kill(os.getpid(), signal.SIGTERM)
         return out

@@ -9,7 +9,7 @@ import pytest
 
 from dis_core.data import ExampleStream, GroupStream, make_stream
 from dis_core.errors import PluginError, UserError
-from dis_core.interfaces import PuzzleGroups
+from dis_core.interfaces import PuzzleGroups, Stream
 from dis_core.recipe import load_recipe
 from dis_core.trainer import Trainer
 from dis_plugins.tasks.arc.reference_layout import export_reference_layout
@@ -33,6 +33,18 @@ def _passes(stream: GroupStream, n: int) -> list[np.ndarray]:
     ends = stream.ends if stream.pass_len is None else np.arange(n + 1) * stream.pass_len
     assert ends[n] <= len(seq)
     return [seq[ends[p]:ends[p + 1]] for p in range(n)]
+
+
+def test_both_orders_are_streams_that_resume_where_they_stopped():
+    for make in (lambda: ExampleStream(TOY_SIZE, 4, 0, 1, 0), _stream):
+        stream = make()
+        assert isinstance(stream, Stream)
+        first = stream.take(6)
+        state = stream.state_dict()
+        again = make()
+        again.load_state_dict(state)
+        assert np.array_equal(again.take(5), stream.take(5)) and len(first) == 6
+        assert again.epochs_done() == stream.epochs_done() == 11 / TOY_SIZE
 
 
 def test_group_stream_is_deterministic_and_resumable():
@@ -201,7 +213,7 @@ def test_tiny_arc_run_uses_the_group_sampler_by_default(arc_dirs, tmp_path, regi
     recipe = tmp_path / "arc.toml"
     recipe.write_text(ARC_RECIPE.format(train=arc_dirs[0], test=arc_dirs[1]))
     trainer = Trainer(load_recipe(recipe, registry, []), registry, tmp_path / "run", data_dir=tmp_path / "data")
-    assert isinstance(trainer.stream, GroupStream)
+    assert isinstance(trainer.state.stream, GroupStream)
     trainer.fit(registry)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["sampler"] == "groups" and info["recipe"]["train"]["sampler"] == "auto"

@@ -200,9 +200,23 @@ def test_ctx_spec_is_set_after_the_task_and_an_error_while_building_it(tmp_path)
     with pytest.raises(PluginError, match=r"\$\.task: ctx\.spec .* while the task itself is being built"):
         build_components(resolved, registry, tmp_path / "data")
     ctx = BuildContext(seed=0, n_sup=2, data_dir=tmp_path, component="$.targets")  # made by hand
-    assert type(ctx.build("target_generator", "final")).__name__ == "FinalTargets"  # from the installed plugins
     with pytest.raises(UserError, match=r"^\$\.targets\.config: bad$"):
         ctx.fail("bad", at="config")
+
+
+def test_a_context_without_a_registry_refuses_to_build_and_says_how(tmp_path):
+    # No silent fallback to whatever plugins are installed: the message names both ways to pass one.
+    ctx = BuildContext(seed=0, n_sup=2, data_dir=tmp_path, component="$.targets")  # made by hand
+    with pytest.raises(PluginError, match=r"^\$\.targets: ctx\.build\('target_generator', 'final'\) needs the "
+                                          r"BuildContext's registry") as info:
+        ctx.build("target_generator", "final")
+    assert "registry=dis_core.plugins.load_registry()" in str(info.value)
+    assert "dis_core.testing.context(task)" in str(info.value)
+    # dis_core.testing hands plugin tests the installed plugins' registry explicitly.
+    from dis_core import testing
+
+    built = testing.context(n_sup=2, data_dir=tmp_path, component="$.targets").build("target_generator", "final")
+    assert type(built).__name__ == "FinalTargets"
 
 
 # ------------------------------------------------------------------ one path rule

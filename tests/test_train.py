@@ -135,12 +135,12 @@ def test_gradient_clipping_is_what_the_recipe_says(tmp_path, registry, clip):
 def test_unused_q_head_is_left_untouched(tmp_path, registry):
     """DIS (fixed halting) never trains the Q-head: weight decay must not pull it towards 0."""
     trainer, _ = _train(tmp_path, registry, tmp_path / "run", ["train.optimizer.config.weight_decay=0.5"])
-    head = trainer.engine.module.backbone.q_head
+    head = trainer.solver.backbone.q_head
     assert torch.equal(head.bias.detach(), torch.full((2,), -5.0))
     assert not any(p.requires_grad for p in head.parameters())
     # ...while ACT trains it.
     trainer, _ = _train(tmp_path, registry, tmp_path / "act", ["halting.name=act", "targets.name=final"])
-    assert not torch.equal(trainer.engine.module.backbone.q_head.bias.detach(), torch.full((2,), -5.0))
+    assert not torch.equal(trainer.solver.backbone.q_head.bias.detach(), torch.full((2,), -5.0))
 
 
 @pytest.mark.parametrize("halting", ["fixed", "act"])
@@ -153,8 +153,8 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, registry, halting)
     assert split.engine.gradient_accumulation_steps() == 4 and whole.engine.gradient_accumulation_steps() == 1
     for (s1, l1), (s2, l2) in zip(_losses(tmp_path / "whole"), _losses(tmp_path / "split")):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
-    assert torch.equal(whole.carry.steps, split.carry.steps) and torch.equal(whole.carry.halted, split.carry.halted)
-    assert whole.ledger.examples == split.ledger.examples
+    assert torch.equal(whole.state.carry.steps, split.state.carry.steps) and torch.equal(whole.state.carry.halted, split.state.carry.halted)
+    assert whole.state.ledger.examples == split.state.ledger.examples
     ours, theirs = whole.engine.module.state_dict(), split.engine.module.state_dict()
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-5
 

@@ -132,7 +132,7 @@ def test_the_run_refuses_the_deepspeed_table_with_the_same_words():
         message, _, at = problem.rpartition(" @ ")
         assert at == f"$.deepspeed.{key}"
         with pytest.raises(UserError) as info:
-            engine.deepspeed_config(user, global_batch=8, world=1, precision="fp32", grad_clip=0.0)
+            engine.deepspeed_config(user, global_batch=8, world=1, grad_clip=0.0)
         assert str(info.value) == message
 
 

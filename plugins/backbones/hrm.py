@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import attrs
 import torch
+from torch import nn
 
 from dis_core import hookimpl
 from dis_core.validators import positive
-from dis_plugins.backbones.layers import Block, Reasoner, RecursiveBackbone, check_shape_config
+from dis_plugins.backbones.layers import (
+    Block, InputEmbedding, Linear, Reasoner, Rotary, answer_logits, block_flops, check_shape_config, halting_logits,
+    prefix_length, q_head, start_state, start_vector,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -42,22 +46,60 @@ class HRMConfig:
             raise ValueError(f"H_layers ({self.H_layers}) and L_layers ({self.L_layers}) must be >= 1")
 
 
-class HRM(RecursiveBackbone):
+class HRM(nn.Module):
+    """The HRM baseline, composed from the public blocks of `layers`: f_I (`embed`), the slow
+    module H and the fast module L, f_O (`lm_head`), the halting head and the start states of y
+    and z. Its state is (y, z), each (B, S, D)."""
+
     def __init__(self, config: HRMConfig, vocab_size: int, seq_len: int, n_sup: int):
-        super().__init__(config, vocab_size, seq_len, n_sup)
+        super().__init__()
         c, D = config, config.hidden_size
-        self.H = Reasoner([Block(D, c.num_heads, c.expansion, self.seq_len) for _ in range(c.H_layers)], self.rotary)
-        self.L = Reasoner([Block(D, c.num_heads, c.expansion, self.seq_len) for _ in range(c.L_layers)], self.rotary)
-        self._add_heads(vocab_size)
-        # Calls mix L (L_layers blocks) and H (H_layers blocks): FLOPs use their average, exact
-        # for the whole step; the grad part (one of each) matches it when H_layers == L_layers.
-        calls = c.T * c.n + c.T
-        self.blocks_per_call = (c.T * c.n * c.L_layers + c.T * c.H_layers) / calls
+        self.config, self.T, self.n = c, c.T, c.n
+        self.hidden_size, self.puzzle_emb_ndim = D, c.puzzle_emb_ndim
+        self.prefix_len = prefix_length(c.puzzle_emb_ndim, c.puzzle_emb_len, D)  # P
+        self.seq_len = S = self.prefix_len + seq_len  # positions, prefix included
+        # Parameters draw their initial values as they are built, in this order (input to output):
+        # keep it, and a seed keeps giving the same model.
+        self.embed = InputEmbedding(vocab_size, D, seq_len, self.prefix_len, c.puzzle_emb_ndim, c.pos_encodings,
+                                    step_rows=n_sup + 2 if c.step_embedding else 0)
+        # One RoPE table for every block of H and L; it holds no parameters (nothing in the state dict).
+        rotary = Rotary(D // c.num_heads, S, c.rope_theta) if c.pos_encodings == "rope" else None
+        self.H = Reasoner([Block(D, c.num_heads, c.expansion, S) for _ in range(c.H_layers)], rotary)
+        self.L = Reasoner([Block(D, c.num_heads, c.expansion, S) for _ in range(c.L_layers)], rotary)
+        self.lm_head = Linear(D, vocab_size)  # f_O
+        self.q_head = q_head(D)
+        # Start states of y (reference z_H) and z (z_L): fixed random vectors, saved, never trained.
+        self.register_buffer("H_init", start_vector(D))
+        self.register_buffer("L_init", start_vector(D))
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y_0, z_0), each (B, S, D)."""
+        return start_state(self.H_init, batch_size, self.seq_len), start_state(self.L_init, batch_size, self.seq_len)
+
+    def forward(self, state, tokens, step, puzzle_emb=None):
+        _, y, z = self._reason(state, tokens, step, puzzle_emb)
+        return (y, z), self.decode(y), halting_logits(self.q_head, y)  # (B, L, V), (B, 2)
 
     def calls_per_step(self) -> tuple[int, int]:
         return self.T * self.n + self.T, 2
 
-    def _reason(self, y, z, x):
+    def flops_per_call(self, seq_len: int) -> float:
+        # Calls mix L (L_layers blocks) and H (H_layers blocks): FLOPs use their average, exact
+        # for the whole step; the grad part (one of each) matches it when H_layers == L_layers.
+        c = self.config
+        blocks = (c.T * c.n * c.L_layers + c.T * c.H_layers) / (c.T * c.n + c.T)
+        return blocks * block_flops(seq_len, self.hidden_size, c.expansion)
+
+    def compile(self, *args, **kwargs) -> None:
+        """`train.compile`: torch.compile H and L only, where the time goes (the embedding stays
+        eager, as in `trm`)."""
+        self.H.compile(*args, **kwargs)
+        self.L.compile(*args, **kwargs)
+
+    def _reason(self, state, tokens, step, puzzle_emb):
+        """The T cycles -> (y before the last H-update, new y, new z)."""
+        x = self.embed(tokens, step, puzzle_emb)  # (B, S, D)
+        y, z = (s.to(x.dtype) for s in state)  # (B, S, D) each
         with torch.no_grad():
             for cycle in range(self.T):
                 last_cycle = cycle == self.T - 1
@@ -72,6 +114,17 @@ class HRM(RecursiveBackbone):
         z = self.L(z, y + x)
         y = self.H(y, z)
         return y_before, y, z
+
+    # Readouts for guidance and the Advantage Margin (see `trm`), at evaluation only.
+
+    def decode(self, y: torch.Tensor) -> torch.Tensor:
+        """f_O: answer state y (B, S, D) -> logits (B, L, V)."""
+        return answer_logits(self.lm_head, y, self.prefix_len)
+
+    def forward_readouts(self, state, tokens, step, puzzle_emb=None):
+        """`forward`, plus f_O of y just before the step's last H-update."""
+        y_before, y, z = self._reason(state, tokens, step, puzzle_emb)
+        return (y, z), self.decode(y), halting_logits(self.q_head, y), self.decode(y_before)
 
 
 def build_hrm(config: HRMConfig, ctx) -> HRM:

@@ -1,9 +1,22 @@
-"""Building blocks shared by the recursive backbones (`trm`, `hrm`), and `RecursiveBackbone`,
-the embedding, heads and start states around their reasoning modules.
+"""The building blocks of the recursive backbones, public for any backbone to compose: `trm` and
+`hrm` are built from them, and a third-party backbone (a plain Transformer, say) can reuse the
+TRM attention, SwiGLU, RMSNorm and RoPE as they are (docs/hooks.md, "register_backbones").
 
-They follow the reference TRM layers number by number (docs/reference.md#trm-backbone): LeCun
-truncated-normal init, bias-free linears, a parameter-free RMSNorm in fp32, 1-D RoPE over the
-whole sequence (prefix included), SwiGLU sized to a multiple of 256, and post-norm blocks.
+  trunc_normal_, Linear, Embedding       LeCun truncated-normal init (JAX's convention), bias-free linears
+  rms_norm                               parameter-free RMSNorm, in fp32
+  Rotary, apply_rotary                   1-D RoPE over the whole sequence (prefix included)
+  Attention, attend                      full multi-head self-attention, fused q/k/v, SDPA
+  SwiGLU, swiglu_size                    the MLP, sized to a multiple of 256
+  Block                                  post-norm: h = rms(h + attn(h)); h = rms(h + SwiGLU(h))
+  Reasoner                               a stack of blocks with input injection: blocks(h + inj)
+  InputEmbedding                         f_I: tokens, puzzle prefix, step embedding, positions, x sqrt(D)
+  answer_logits, q_head, halting_logits  the output heads f_O and q
+  start_vector, start_state              fixed random start states (TRM's H_init, L_init)
+  block_flops                            forward FLOPs of one block, for `flops_per_call`
+
+They follow the reference TRM layers number by number (docs/reference.md#trm-backbone).
+Parameters draw their initial values when their module is built, so a backbone's seed gives the
+same weights as long as it builds its modules in the same order.
 
 Modules run in whatever dtype their parameters have (DeepSpeed may cast them to bf16); the
 norm and the rotary maths are done in fp32 and cast back, as the reference does.
@@ -18,6 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+__all__ = [
+    "Attention", "Block", "Embedding", "InputEmbedding", "Linear", "Reasoner", "Rotary", "SwiGLU", "answer_logits",
+    "apply_rotary", "attend", "block_flops", "check_shape_config", "halting_logits", "prefix_length", "q_head", "rms_norm",
+    "start_state", "start_vector", "swiglu_size", "trunc_normal_",
+]
 
 NORM_EPS = 1e-5
 
@@ -91,6 +110,8 @@ def swiglu_size(hidden: int, expansion: float) -> int:
 
 
 class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), D -> I -> D with I = swiglu_size(D, expansion)."""
+
     def __init__(self, hidden: int, expansion: float):
         super().__init__()
         self.inner = swiglu_size(hidden, expansion)
@@ -255,6 +276,16 @@ class InputEmbedding(nn.Module):
         return x * self.scale
 
 
+def answer_logits(lm_head: nn.Module, y: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """f_O: answer state y (B, S, D) -> logits (B, L, V) over the task positions.
+
+    Decodes every position, then drops the prefix, as the reference does: decoding only the L
+    answer positions sums the lm_head weight gradient in another order (~1e-7 a step away from
+    the reference), for a saving of P/S of one small matmul: 1.7% of the output layer at ARC
+    shapes, an output layer that is under 0.1% of a step's FLOPs."""
+    return lm_head(y)[:, prefix_len:]
+
+
 def q_head(hidden: int) -> Linear:
     """D -> 2 halting head [halt, continue] with weight 0 and bias -5, so sigmoid(q_halt)
     starts at ~0.007 (the reference's init)."""
@@ -263,6 +294,23 @@ def q_head(hidden: int) -> Linear:
         head.weight.zero_()
         head.bias.fill_(-5.0)
     return head
+
+
+def halting_logits(head: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """(B, S, D) -> (B, 2) fp32 [halt, continue], read from the first position."""
+    return head(y[:, 0]).float()
+
+
+def start_vector(hidden: int) -> torch.Tensor:
+    """A fixed random start state (D,) drawn truncated-normal with std 1, as the reference draws
+    H_init and L_init. Register it as a buffer: saved with the model, moved with it, never trained."""
+    return trunc_normal_(torch.empty(hidden), 1.0)
+
+
+def start_state(vector: torch.Tensor, batch_size: int, positions: int) -> torch.Tensor:
+    """A start vector (D,) at every position of every slot: (B, S, D), its own memory (the
+    carry writes into it row by row)."""
+    return vector.expand(batch_size, positions, vector.shape[-1]).contiguous()
 
 
 def block_flops(seq_len: int, hidden: int, expansion: float, mlp_t: bool = False) -> float:
@@ -310,98 +358,3 @@ def check_shape_config(config) -> None:
 def prefix_length(puzzle_emb_ndim: int, puzzle_emb_len: int, hidden: int) -> int:
     """P: the configured length, or (when 0) as many positions as the puzzle vector needs."""
     return puzzle_emb_len if puzzle_emb_len else -(-puzzle_emb_ndim // hidden)
-
-
-class RecursiveBackbone(nn.Module):
-    """What `trm` and `hrm` share around their reasoning modules: the input embedding (puzzle
-    prefix, optional step embedding), the rotary table, the output heads, the fixed start
-    states of y and z, `initial_state`, `forward`, decoding y (and the readouts before the last
-    y-update that guidance and the Advantage Margin need), and FLOPs from blocks per network call.
-
-    A subclass's __init__ calls `super().__init__(...)`, builds its blocks (with `self.rotary`),
-    then `self._add_heads(vocab_size)`, and sets `blocks_per_call`; it implements `_reason` (its
-    T cycles), and the shared `forward` embeds, reasons and decodes. Parameters draw their initial
-    values in that order (embedding, blocks, heads, start states), so keep it: a seed's model
-    depends on it.
-    """
-
-    blocks_per_call: float  # blocks one network call runs (an average if calls differ)
-    mlp_t = False  # TRM-MLP blocks (for the FLOP count)
-
-    def __init__(self, config, vocab_size: int, seq_len: int, n_sup: int):
-        super().__init__()
-        c = config
-        D = c.hidden_size
-        self.config = c
-        self.hidden_size = D
-        self.puzzle_emb_ndim = c.puzzle_emb_ndim
-        self.prefix_len = prefix_length(c.puzzle_emb_ndim, c.puzzle_emb_len, D)
-        self.seq_len = self.prefix_len + seq_len  # S
-        self.T, self.n = c.T, c.n
-        self.embed = InputEmbedding(
-            vocab_size, D, seq_len, self.prefix_len, c.puzzle_emb_ndim, c.pos_encodings,
-            step_rows=n_sup + 2 if c.step_embedding else 0,
-        )
-        # One table for every block; it holds no parameters or buffers (nothing in the state dict).
-        self.rotary = Rotary(D // c.num_heads, self.seq_len, c.rope_theta) if c.pos_encodings == "rope" else None
-
-    def compile(self, *args, **kwargs) -> None:
-        """`train.compile`: torch.compile the reasoning modules only, where the time goes. The
-        embedding stays eager: with the whole backbone compiled under bf16 autocast (torch
-        2.13, CPU) the token- and step-embedding gradients came out non-finite."""
-        for module in self.modules():
-            if isinstance(module, Reasoner):
-                module.compile(*args, **kwargs)
-
-    def _add_heads(self, vocab_size: int) -> None:
-        D = self.hidden_size
-        self.lm_head = Linear(D, vocab_size)
-        self.q_head = q_head(D)
-        # Start states of y (reference z_H) and z (z_L): fixed random vectors, saved with the
-        # model but never trained.
-        self.register_buffer("H_init", trunc_normal_(torch.empty(D), 1.0))
-        self.register_buffer("L_init", trunc_normal_(torch.empty(D), 1.0))
-
-    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (batch_size, self.seq_len, self.hidden_size)
-        return self.H_init.expand(shape).contiguous(), self.L_init.expand(shape).contiguous()
-
-    def flops_per_call(self, seq_len: int) -> float:
-        return self.blocks_per_call * block_flops(seq_len, self.hidden_size, self.config.expansion, self.mlp_t)
-
-    def _decode(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Decode every position, then drop the prefix, as the reference does: decoding only the L
-        # answer positions sums the lm_head weight gradient in another order (~1e-7 a step away
-        # from the reference), for a saving of P/S of one small matmul: 1.7% of the output layer
-        # at ARC shapes, an output layer that is under 0.1% of a step's FLOPs.
-        logits = self.lm_head(y)[:, self.prefix_len :]  # (B, L, V)
-        q_logits = self.q_head(y[:, 0]).float()  # (B, 2) [halt, continue] from the first position
-        return logits, q_logits
-
-    def _reason(self, y: torch.Tensor, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A subclass's T cycles: (y, z, x) -> (y before the last y-update, new y, new z)."""
-        raise NotImplementedError
-
-    def _run(self, state, tokens, step, puzzle_emb):
-        x = self.embed(tokens, step, puzzle_emb)  # (B, S, D)
-        y, z = (s.to(x.dtype) for s in state)  # (B, S, D) each
-        return self._reason(y, z, x)
-
-    def forward(self, state, tokens, step, puzzle_emb=None):
-        _, y, z = self._run(state, tokens, step, puzzle_emb)
-        logits, q_logits = self._decode(y)  # (B, L, V), (B, 2)
-        return (y, z), logits, q_logits
-
-    # Readouts for the paper's guidance (Eq. 5) and Advantage Margin (Prop. 4.1): optional
-    # capabilities of a backbone, used by `dis_core.supervision.rollout`, never by training.
-
-    def decode(self, y: torch.Tensor) -> torch.Tensor:
-        """f_O: answer state y (B, S, D) -> logits (B, L, V)."""
-        return self._decode(y)[0]
-
-    def forward_readouts(self, state, tokens, step, puzzle_emb=None):
-        """`forward`, plus f_O of y just before the step's last y-update (the paper's z_H^n of
-        Eq. 4, around the last cycle): (state, logits, q_logits, logits_before_last_update)."""
-        y_before, y, z = self._run(state, tokens, step, puzzle_emb)
-        logits, q_logits = self._decode(y)
-        return (y, z), logits, q_logits, self.decode(y_before)
