@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--out must not be under docs/ (copy the figure there yourself)", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    from dis_core.plugins import load_registry
+    from dis_core.wiring.plugins import load_registry
 
     registry = load_registry()
     rows = []

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from dis_core.interfaces import BuildContext, TaskSpec
-from dis_core.losses import per_sequence_ce
+from dis_core.contract.interfaces import BuildContext, TaskSpec
+from dis_core.step.losses import per_sequence_ce
 
 
 def build(args):

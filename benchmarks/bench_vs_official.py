@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent / "parity"))
 from official import prepare, use_repo  # noqa: E402
 
 from dis_core import hookimpl  # noqa: E402
-from dis_core.interfaces import TaskSpec  # noqa: E402
+from dis_core.contract.interfaces import TaskSpec  # noqa: E402
 
 CONFIGS = {
     "a": dict(hidden=128, layers=2, heads=4, seq=64, prefix=0, batch=64, vocab=3),
@@ -131,9 +131,9 @@ class RandomTask:
 
 
 def dis_step(c: dict, precision: str, threads: int, workdir: Path, compile_: bool = False):
-    from dis_core.plugins import load_registry
-    from dis_core.recipe import load_recipe
-    from dis_core.trainer import Trainer
+    from dis_core.wiring.plugins import load_registry
+    from dis_core.wiring.recipe import load_recipe
+    from dis_core.loop.trainer import Trainer
 
     registry = load_registry(extra_plugins=(RandomTask(c),))
     prefix = f", puzzle_emb_ndim = {c['hidden']}, puzzle_emb_len = {c['prefix']}" if c["prefix"] else ""

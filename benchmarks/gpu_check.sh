@@ -51,7 +51,7 @@ echo "== 3. 2-GPU NCCL parity against 1 GPU (fp32, so that the comparison is tig
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   common=(--set train.steps=20 --set train.precision=fp32 --set train.eval_interval=0 --set train.log_interval=1)
   dis-run recipes/nqueens_quick.toml --out "$OUT/one" "${common[@]}"
-  deepspeed --num_gpus 2 --module dis_core.cli run recipes/nqueens_quick.toml --out "$OUT/two" "${common[@]}"
+  deepspeed --num_gpus 2 --module dis_core.tools.cli run recipes/nqueens_quick.toml --out "$OUT/two" "${common[@]}"
   python - "$OUT/one" "$OUT/two" <<'EOF'
 import json, sys
 def losses(d):

@@ -59,7 +59,7 @@ class PerBoard:
         self.completions: list[int] = []
 
     def update(self, record) -> None:
-        from dis_core.metrics import final_and_ran
+        from dis_core.contract.metrics import final_and_ran
         from dis_plugins.tasks.nqueens import QUEEN, valid_solutions
 
         x = record.batch["inputs"]
@@ -85,9 +85,9 @@ class PerBoard:
 
 def per_board(run_dir: Path) -> dict:
     """Re-evaluate the run's final checkpoint; {"given", "valid", "completions", "rate", "logged"}."""
-    from dis_core.plugins import load_registry
-    from dis_core.recipe import load_recipe
-    from dis_core.trainer import Trainer
+    from dis_core.wiring.plugins import load_registry
+    from dis_core.wiring.recipe import load_recipe
+    from dis_core.loop.trainer import Trainer
 
     registry = load_registry()
     with tempfile.TemporaryDirectory(prefix="nqueens_by_given-") as tmp:

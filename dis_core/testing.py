@@ -2,7 +2,7 @@
 
 Each `check_*` function exercises one component the way the core will, and raises
 `AssertionError` with a message naming what broke the contract of docs/hooks.md and
-`dis_core/interfaces.py`. dis's own tests/test_contracts.py runs the same functions over every
+`dis_core/contract/interfaces.py`. dis's own tests/test_contracts.py runs the same functions over every
 installed component, and `dis check RECIPE` runs them on the components of a recipe.
 
     from dis_core.testing import check_target_generator, context, toy_task
@@ -32,12 +32,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from dis_core.checks import BatchCheck, FramesCheck, check_halt, check_metrics, check_per_slot_loss, check_state, check_step_output
-from dis_core.data import check_groups, fetch
-from dis_core.diagnostics import hamming_to_labels
-from dis_core import compat
-from dis_core.errors import PluginError
-from dis_core.interfaces import (
+from dis_core.contract.checks import BatchCheck, FramesCheck, check_halt, check_metrics, check_per_slot_loss, check_state, check_step_output
+from dis_core.step.data import check_groups, fetch
+from dis_core.step.diagnostics import hamming_to_labels
+from dis_core.contract import compat
+from dis_core.contract.errors import PluginError
+from dis_core.contract.interfaces import (
     IGNORE,
     Backbone,
     BuildContext,
@@ -50,7 +50,7 @@ from dis_core.interfaces import (
     TargetGenerator,
     TaskSpec,
 )
-from dis_core.plugins import load_registry
+from dis_core.wiring.plugins import load_registry
 
 __all__ = [
     "check_backbone", "check_evaluator", "check_halting", "check_optimizer", "check_target_generator", "check_task",
@@ -89,12 +89,12 @@ def _conforms(obj: Any, kind: str, proto: type) -> None:
     """`obj` has every member of `proto` that has no default (AssertionError naming the ones it
     lacks); a deprecated member it lacks is a `DisContractWarning`, not a failure, as in a run."""
     missing = compat.check_and_warn(obj, kind, proto, f"{kind} {type(obj).__qualname__}")
-    assert not missing, (f"{type(obj).__name__} is not a {proto.__name__} (see dis_core.interfaces.{proto.__name__}): "
+    assert not missing, (f"{type(obj).__name__} is not a {proto.__name__} (see dis_core.contract.interfaces.{proto.__name__}): "
                          f"it lacks {', '.join(missing)}")
 
 
 def _plugin_error(fn: Callable, *args, **kwargs):
-    """Run a boundary check from dis_core.checks, its PluginError turned into an AssertionError."""
+    """Run a boundary check from dis_core.contract.checks, its PluginError turned into an AssertionError."""
     try:
         return fn(*args, **kwargs)
     except PluginError as exc:
@@ -157,7 +157,7 @@ def check_task(task: Task | Callable[[], Task], *, rebuild: Callable[[], Task] |
         task = task()
     assert isinstance(task, Task), f"{type(task).__name__} is not a Task: it needs `spec` and `dataset(split)`"
     spec = task.spec
-    assert isinstance(spec, TaskSpec), f"task.spec is a {type(spec).__name__}, not a dis_core.interfaces.TaskSpec"
+    assert isinstance(spec, TaskSpec), f"task.spec is a {type(spec).__name__}, not a dis_core.contract.interfaces.TaskSpec"
     V, L = spec.vocab_size, spec.seq_len
     assert V >= 2, f"spec.vocab_size = {V}: a task needs at least two token ids"
     assert L >= 1, f"spec.seq_len = {L}"

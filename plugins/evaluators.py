@@ -12,8 +12,8 @@ from pathlib import Path
 import attrs
 
 from dis_core import hookimpl
-from dis_core.interfaces import IGNORE, EvalRecord
-from dis_core.metrics import Tally, final_and_ran
+from dis_core.contract.interfaces import IGNORE, EvalRecord
+from dis_core.contract.metrics import Tally, final_and_ran
 
 
 @attrs.frozen(kw_only=True)

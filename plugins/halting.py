@@ -4,10 +4,10 @@ a learned Q-head decides when a slot is done, with exploration during training).
 `fixed` also offers adaptive stopping at evaluation only (`eval_halt`): when the answer stops
 changing, when it is confident, or by a Q-head trained alongside the DIS targets. A strategy
 that sets `uses_answer = True` is called at evaluation as `halt(..., answer=Answer)`
-(dis_core.guidance.Answer: the step's logits, confidence, steps unchanged).
+(dis_core.step.guidance.Answer: the step's logits, confidence, steps unchanged).
 
 A strategy with `uses_q_head = False` may run with a backbone that has no q-head: its `halt` then
-gets `q_logits = None`, and `loss` is never called (dis_core.supervision.SupervisedStep)."""
+gets `q_logits = None`, and `loss` is never called (dis_core.step.supervision.SupervisedStep)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dis_core import hookimpl
-from dis_core.validators import non_negative, one_of, positive, probability
+from dis_core.contract.validators import non_negative, one_of, positive, probability
 
 
 @attrs.frozen(kw_only=True)
@@ -57,7 +57,7 @@ class FixedHalting:
         self.config = config or FixedConfig()
         self.max_steps = n_sup
         self.uses_q_head = self.config.q_head
-        # the "stable" and "confident" rules read the answer (dis_core.guidance.Answer)
+        # the "stable" and "confident" rules read the answer (dis_core.step.guidance.Answer)
         self.uses_answer = self.config.eval_halt in ("stable", "confident")
 
     def halt(self, steps, q_logits, *, training, generator, answer=None):

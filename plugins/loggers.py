@@ -20,8 +20,8 @@ from typing import Literal
 import attrs
 
 from dis_core import hookimpl
-from dis_core.errors import UserError
-from dis_core.loggers import numeric
+from dis_core.contract.errors import UserError
+from dis_core.outputs.loggers import numeric
 
 
 def _require(module: str, extra: str, logger: str):

@@ -18,7 +18,7 @@ import attrs
 import torch
 
 from dis_core import hookimpl
-from dis_core.validators import in_range, non_negative, positive
+from dis_core.contract.validators import in_range, non_negative, positive
 
 # torch checks these only when the trainer builds the optimizer (and lets lr = inf through): the
 # config classes check them when the recipe is loaded, NaN and infinities included.

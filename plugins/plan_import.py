@@ -22,8 +22,8 @@ import structlog
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import DataError
-from dis_core.interfaces import IGNORE
+from dis_core.contract.errors import DataError
+from dis_core.contract.interfaces import IGNORE
 
 log = structlog.get_logger()
 _KEYS = {"example_id", "split", "steps", "meta"}  # "meta": free-form, ignored

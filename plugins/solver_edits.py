@@ -2,7 +2,7 @@
 fixes the cells (the paper's "programmable edits").
 
 The task does the solving: it must offer `solver_trajectory(batch, n_sup)` (the optional
-`SolverTrajectoryTask` capability). Tasks build it with `dis_core.reveal.ranked_reveal`, which
+`SolverTrajectoryTask` capability). Tasks build it with `dis_core.contract.reveal.ranked_reveal`, which
 turns a per-cell solve order into frames by the same rule as the reference reveal path: frame
 s (1-based) shows floor(s * missing / n_sup) of the missing cells on top of the question, so
 the last frame is y*.
@@ -14,7 +14,7 @@ import attrs
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import CapabilityError
+from dis_core.contract.errors import CapabilityError
 
 # Generators that need nothing from the task, named in the capability error.
 TASK_AGNOSTIC = ("reveal_path", "mask", "random_replace", "final")

@@ -20,9 +20,9 @@ import attrs
 import torch
 
 from dis_core import hookimpl
-from dis_core.interfaces import IGNORE
-from dis_core.reveal import reveal_frames
-from dis_core.validators import one_of
+from dis_core.contract.interfaces import IGNORE
+from dis_core.contract.reveal import reveal_frames
+from dis_core.contract.validators import one_of
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -51,7 +51,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child `dis` process. In-process trainers leave the launcher's
     variables (RANK, MASTER_PORT, ...) set; a child must not inherit them, or it would join
     this process's (finished) process group on the same port."""
-    from dis_core.engine import LAUNCHER_VARS
+    from dis_core.loop.engine import LAUNCHER_VARS
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     return {**env, "OMP_NUM_THREADS": "1", **extra}
@@ -59,7 +59,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def registry():
-    from dis_core.plugins import load_registry
+    from dis_core.wiring.plugins import load_registry
 
     return load_registry()
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from dis_core.errors import DataError, UserError
-from dis_core.interfaces import IGNORE, BuildContext, EvalRecord
+from dis_core.contract.errors import DataError, UserError
+from dis_core.contract.interfaces import IGNORE, BuildContext, EvalRecord
 from dis_plugins.tasks import arc as arc_plugin
 from dis_plugins.tasks.arc.augment import IDENTITY, generate_variants
 from dis_plugins.tasks.arc.encoding import INVERSE, crop, dihedral, invert, render
@@ -304,7 +304,7 @@ def test_submission_skips_empty_grids(dirs, tmp_path):
 
 
 def test_registers_task_and_evaluator():
-    from dis_core.plugins import load_registry
+    from dis_core.wiring.plugins import load_registry
 
     reg = load_registry(extra_plugins=(arc_plugin,), load_entry_points=False)
     assert reg.get("task", "arc").config_cls is ArcConfig and reg.get("evaluator", "arc").config_cls is ArcEvalConfig

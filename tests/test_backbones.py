@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dis_core.interfaces import Backbone, BuildContext, TaskSpec
+from dis_core.contract.interfaces import Backbone, BuildContext, TaskSpec
 from dis_plugins.backbones import hrm as hrm_mod
 from dis_plugins.backbones import trm as trm_mod
 from dis_plugins.backbones.hrm import HRMConfig, build_hrm

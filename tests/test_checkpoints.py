@@ -8,10 +8,10 @@ from collections import namedtuple
 
 import pytest
 
-from dis_core import checkpoint
-from dis_core.errors import CheckpointError
-from dis_core.recipe import load_recipe
-from dis_core.trainer import Trainer
+from dis_core.loop import checkpoint
+from dis_core.contract.errors import CheckpointError
+from dis_core.wiring.recipe import load_recipe
+from dis_core.loop.trainer import Trainer
 
 from conftest import tiny_recipe
 

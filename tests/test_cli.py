@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from dis_core.cli import main
+from dis_core.tools.cli import main
 
 from conftest import ROOT, subprocess_env, tiny_recipe
 
 
 def _cli(args, cwd=None):
     env = subprocess_env()
-    return subprocess.run([sys.executable, "-m", "dis_core.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "dis_core.tools.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dis_core.compare import compare, curve, group_runs, is_per_step, load_run, series, table_rows
-from dis_core.errors import UserError
+from dis_core.tools.compare import compare, curve, group_runs, is_per_step, load_run, series, table_rows
+from dis_core.contract.errors import UserError
 
 
 def write_run(path, name, *, n_sup, targets, halting, final, evals, params=860674, summary=True,
@@ -114,8 +114,8 @@ def test_bad_run_directories(tmp_path):
 
 def test_compare_two_real_tiny_runs(tmp_path, registry):
     """A DIS run and its TRM twin (final targets, ACT halting), trained for real, then compared."""
-    from dis_core.recipe import load_recipe
-    from dis_core.trainer import Trainer
+    from dis_core.wiring.recipe import load_recipe
+    from dis_core.loop.trainer import Trainer
 
     from conftest import tiny_recipe
 
@@ -137,7 +137,7 @@ def test_compare_two_real_tiny_runs(tmp_path, registry):
 
 
 def test_per_step_metrics_in_step_order():
-    from dis_core.compare import _metric_order
+    from dis_core.tools.compare import _metric_order
 
     keys = ["exact/hamming@10", "exact/hamming@9", "exact/accuracy", "arc/pass@100", "arc/pass@2"]
     assert sorted(keys, key=_metric_order) == ["arc/pass@2", "arc/pass@100", "exact/accuracy", "exact/hamming@9", "exact/hamming@10"]
@@ -236,7 +236,7 @@ def test_headline_metric_is_the_default(tmp_path, study):
 
 
 def test_no_files_without_out(study, tmp_path, monkeypatch, capsys):
-    from dis_core.cli import main
+    from dis_core.tools.cli import main
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()

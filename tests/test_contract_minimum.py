@@ -6,7 +6,7 @@ without `uses_continue_loss`/`continue_loss` (added in 1.1). Loaded with `--plug
 outside package would be, it must be listed by `dis plugins`, pass `dis check`, train, and pass
 `dis_core.testing`'s checks; the missing `headline` is a `DisContractWarning` that says what to
 add, never a failure. If this file fails, a contract change broke plugin authors: give the new
-member a default (dis_core/compat.py, ADDITIONS) instead of editing this plugin.
+member a default (dis_core/contract/compat.py, ADDITIONS) instead of editing this plugin.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import warnings
 import pytest
 
 import dis_core
-import dis_core.slots
-from dis_core import compat, testing
-from dis_core.cli import main
-from dis_core.errors import DisContractWarning
-from dis_core.interfaces import BuildContext
-from dis_core.plugins import load_plugin_modules, load_registry
-from dis_core.registry import contract_notes
+import dis_core.contract.slots
+from dis_core.contract import compat
+from dis_core import testing
+from dis_core.tools.cli import main
+from dis_core.contract.errors import DisContractWarning
+from dis_core.contract.interfaces import BuildContext
+from dis_core.wiring.plugins import load_plugin_modules, load_registry
+from dis_core.wiring.registry import contract_notes
 
 PLUGIN = textwrap.dedent('''
     """Third-party components written against dis's plugin contract 1.0."""
@@ -35,7 +36,7 @@ PLUGIN = textwrap.dedent('''
     import torch
 
     from dis_core import hookimpl
-    from dis_core.interfaces import IGNORE, TaskSpec
+    from dis_core.contract.interfaces import IGNORE, TaskSpec
 
 
     @attrs.frozen(kw_only=True)
@@ -311,7 +312,7 @@ def test_every_addition_is_documented_with_its_default_and_version():
     text = (ROOT / "docs" / "hooks.md").read_text()
     section = text[text.index("## Contract versions"):text.index("## How plugins are found")]
     assert f"now `{compat.CONTRACT_VERSION}`" in section
-    protocols = {slot.kind: slot.interface().__name__ for slot in dis_core.slots.SLOTS}
+    protocols = {slot.kind: slot.interface().__name__ for slot in dis_core.contract.slots.SLOTS}
     for row in compat.ADDITIONS:
         [line] = [ln for ln in section.splitlines() if ln.startswith(f"| `{protocols[row.kind]}.{row.member}` |")]
         cells = [c.strip() for c in line.strip("|").split("|")]

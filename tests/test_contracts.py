@@ -1,5 +1,5 @@
 """Contract tests: every registered component, whoever provides it, keeps the promises of
-dis_core/interfaces.py.
+dis_core/contract/interfaces.py.
 
 Everything is parametrised over the live registry (`load_registry()`), so an installed plugin is
 checked as soon as it registers. A component is built from its config class's defaults, or from
@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from dis_core.config import structure
-from dis_core.data import fetch
-from dis_core.errors import CapabilityError, DisContractWarning
-from dis_core.interfaces import IGNORE, BuildContext, TaskSpec
-from dis_core.plugins import load_registry
-from dis_core.registry import KINDS
+from dis_core.wiring.config import structure
+from dis_core.step.data import fetch
+from dis_core.contract.errors import CapabilityError, DisContractWarning
+from dis_core.contract.interfaces import IGNORE, BuildContext, TaskSpec
+from dis_core.wiring.plugins import load_registry
+from dis_core.wiring.registry import KINDS
 from dis_core.testing import (
     check_backbone,
     check_evaluator,
@@ -43,7 +43,7 @@ N_SUP = 4
 ME = "tests/test_contracts.py"
 # A builtin component written against an older contract would pass these checks with a
 # DisContractWarning; the builtins keep the current contract, so that is a failure here.
-pytestmark = pytest.mark.filterwarnings("error::dis_core.errors.DisContractWarning")
+pytestmark = pytest.mark.filterwarnings("error::dis_core.contract.errors.DisContractWarning")
 
 # ------------------------------------------------------------------------------ small settings
 # Raw config tables (as a recipe would write them) that keep each component quick to build.

@@ -37,9 +37,9 @@ def test_two_processes_match_one(tmp_path):
     recipe = tiny_recipe(tmp_path, targets="final", steps=6, extra="\n[halting]\nname = \"fixed\"\n")
     deepspeed = Path(sys.executable).with_name("deepspeed")
     # A free port: the launcher's default 29500 may be taken by another run on the machine.
-    two = _launch([str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dis_core.cli", "run", str(recipe), "--out", str(tmp_path / "two")], tmp_path)
+    two = _launch([str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dis_core.tools.cli", "run", str(recipe), "--out", str(tmp_path / "two")], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = _launch([sys.executable, "-m", "dis_core.cli", "run", str(recipe), "--out", str(tmp_path / "one")], tmp_path)
+    one = _launch([sys.executable, "-m", "dis_core.tools.cli", "run", str(recipe), "--out", str(tmp_path / "one")], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
 
     info = json.loads((tmp_path / "two" / "run.json").read_text())
@@ -83,7 +83,7 @@ def test_two_processes_keep_puzzle_tables_identical(tmp_path):
     recipe = tmp_path / "arc_tiny.toml"
     recipe.write_text("# tiny ARC run for the 2-process test\n" + ARC_TINY)
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    two = _launch([str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dis_core.cli", "run",
+    two = _launch([str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dis_core.tools.cli", "run",
                    str(recipe), "--out", str(tmp_path / "two")], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     ckpt = tmp_path / "two" / "checkpoints" / "step_4"

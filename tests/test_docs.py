@@ -32,8 +32,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from dis_core import hookspecs
-from dis_core.recipe import ComponentSpec, Eval, Recipe, Schedule, Supervision, Train
+from dis_core.contract import hookspecs
+from dis_core.wiring.recipe import ComponentSpec, Eval, Recipe, Schedule, Supervision, Train
 
 from conftest import ROOT, pip_install_target, subprocess_env
 
@@ -149,7 +149,7 @@ def test_every_recipe_key_is_documented_with_its_default():
 
 
 def _builtin_entries():
-    from dis_core.plugins import load_registry
+    from dis_core.wiring.plugins import load_registry
 
     return [e for e in load_registry().entries() if e.config_cls.__module__.startswith("dis_plugins")]
 
@@ -177,7 +177,7 @@ def test_task_tutorial_package_installs_and_its_recipe_runs(tmp_path):
     pip_install_target(pkg, site)
     env = subprocess_env(PYTHONPATH=str(site))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dis_core.cli", "run", str(pkg / "parity_quick.toml"), "--out", str(out),
+    cmd = [sys.executable, "-m", "dis_core.tools.cli", "run", str(pkg / "parity_quick.toml"), "--out", str(out),
            "--set", "train.steps=3", "--set", "train.eval_limit=64", "--set", "train.threads=1"]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -277,7 +277,7 @@ def test_tutorial_python_blocks_are_complete_with_their_imports(tutorial, packag
 
 def test_a_literal_choice_reports_the_choices_and_the_key():
     """What tutorial_target_generator.md promises for a `typing.Literal` config field."""
-    from dis_core.config import structure
+    from dis_core.wiring.config import structure
 
     module = runpy.run_path(str(EXAMPLES / "dis-row-sweep" / "dis_row_sweep.py"))
     _, errors = structure({"direction": "sideways"}, module["RowSweepConfig"], "$.targets.config")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from dis_core.ema import EMA
-from dis_core.errors import UserError
+from dis_core.loop.ema import EMA
+from dis_core.contract.errors import UserError
 
 
 class Tiny(nn.Module):

@@ -18,14 +18,14 @@ def test_installed_plugin_is_discovered_and_runs(tmp_path):
     site = tmp_path / "site"
     pip_install_target(EXAMPLE, site)
     env = subprocess_env(PYTHONPATH=str(site))
-    listing = subprocess.run([sys.executable, "-m", "dis_core.cli", "plugins", "--json"], capture_output=True, text=True, env=env, check=True)
+    listing = subprocess.run([sys.executable, "-m", "dis_core.tools.cli", "plugins", "--json"], capture_output=True, text=True, env=env, check=True)
     rows = json.loads(listing.stdout)
     row = next(r for r in rows if r["name"] == "row_sweep")
     assert row["kind"] == "target_generator" and row["plugin"] == "row_sweep" and row["version"] == "0.1.0"
 
     recipe = tiny_recipe(tmp_path, targets="row_sweep", steps=3)
     run = subprocess.run(
-        [sys.executable, "-m", "dis_core.cli", "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "targets.config.direction=backward"],
+        [sys.executable, "-m", "dis_core.tools.cli", "run", str(recipe), "--out", str(tmp_path / "run"), "--set", "targets.config.direction=backward"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -33,7 +33,7 @@ def test_installed_plugin_is_discovered_and_runs(tmp_path):
     assert report["monotone_share"] == 1.0 and report["final_distance"] == 0.0
 
     # Without the package on the path, the same recipe is refused with the list of names.
-    bare = subprocess.run([sys.executable, "-m", "dis_core.cli", "run", str(recipe), "--dry-run"], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env())
+    bare = subprocess.run([sys.executable, "-m", "dis_core.tools.cli", "run", str(recipe), "--dry-run"], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env())
     assert bare.returncode == 2 and "unknown target_generator 'row_sweep'" in bare.stderr and "reveal_path" in bare.stderr
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dis_core.errors import CapabilityError
-from dis_core.interfaces import IGNORE, BuildContext, EvalRecord, TaskSpec
+from dis_core.contract.errors import CapabilityError
+from dis_core.contract.interfaces import IGNORE, BuildContext, EvalRecord, TaskSpec
 from dis_plugins.evaluators import ExactConfig, build_exact
 from dis_plugins.tasks.nqueens import EMPTY, QUEEN, NQueensConfig, NQueensEvalConfig, NQueensTask, build_nqueens_evaluator
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dis_core.cli import main
+from dis_core.tools.cli import main
 
 from conftest import ROOT, subprocess_env, tiny_recipe
 
@@ -24,8 +24,8 @@ FAULTY_CLI = """
 import os, signal, sys
 from pathlib import Path
 import torch
-from dis_core import trainer as T
-from dis_core.errors import DataError
+from dis_core.loop import trainer as T
+from dis_core.contract.errors import DataError
 
 kind, _, n = os.environ["DIS_TEST_FAULT"].partition(":")
 n = int(n)
@@ -58,7 +58,7 @@ elif kind in ("fail_rank1", "kill_rank1"):  # rank 1 fails (or is killed) at ste
         return train_step(self)
     T.Trainer.train_step = failing
 
-from dis_core.cli import main
+from dis_core.tools.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -99,7 +99,7 @@ def test_sigkill_then_resume_reproduces_the_losses(tmp_path, uninterrupted, faul
 @pytest.mark.slow
 def test_two_runs_racing_for_one_directory(tmp_path):
     recipe, out = tiny_recipe(tmp_path, steps=20), tmp_path / "run"
-    cmd = [sys.executable, "-m", "dis_core.cli", "run", str(recipe), "--out", str(out), "--data-dir", str(tmp_path / "data")]
+    cmd = [sys.executable, "-m", "dis_core.tools.cli", "run", str(recipe), "--out", str(out), "--data-dir", str(tmp_path / "data")]
     env = subprocess_env(PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]

@@ -32,12 +32,13 @@ import numpy as np
 import pytest
 import torch
 
-from dis_core import engine, hookimpl
-from dis_core.interfaces import TaskSpec
-from dis_core.losses import per_sequence_ce
-from dis_core.plugins import load_registry
-from dis_core.recipe import load_recipe
-from dis_core.trainer import Trainer
+from dis_core.loop import engine
+from dis_core import hookimpl
+from dis_core.contract.interfaces import TaskSpec
+from dis_core.step.losses import per_sequence_ce
+from dis_core.wiring.plugins import load_registry
+from dis_core.wiring.recipe import load_recipe
+from dis_core.loop.trainer import Trainer
 from golden_canary import canary, differing
 
 GOLDEN = Path(__file__).parent / "golden"

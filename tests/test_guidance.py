@@ -4,9 +4,9 @@ Margin (Prop. 4.1), and `fixed`'s adaptive stopping at evaluation (the paper's f
 import pytest
 import torch
 
-from dis_core.interfaces import IGNORE, BuildContext
-from dis_core.guidance import Answer, advantage_margin
-from dis_core.supervision import StepRule, rollout
+from dis_core.contract.interfaces import IGNORE, BuildContext
+from dis_core.step.guidance import Answer, advantage_margin
+from dis_core.step.supervision import StepRule, rollout
 from dis_plugins.backbones.hrm import HRM, HRMConfig
 from dis_plugins.backbones.trm import TRM, TRMConfig
 from dis_plugins.halting import ACTConfig, FixedConfig, build_act, build_fixed
@@ -184,8 +184,8 @@ def test_act_is_untouched_by_the_answer(tmp_path):
 def _trainer(tmp_path, registry, overrides=()):
     from conftest import tiny_recipe
 
-    from dis_core.recipe import load_recipe
-    from dis_core.trainer import Trainer
+    from dis_core.wiring.recipe import load_recipe
+    from dis_core.loop.trainer import Trainer
 
     resolved = load_recipe(tiny_recipe(tmp_path, steps=3), registry, list(overrides))
     trainer = Trainer(resolved, registry, tmp_path / "run", data_dir=tmp_path / "data")
@@ -246,7 +246,7 @@ def test_a_dis_run_can_train_the_q_head(tmp_path, registry):
 def test_the_console_shows_each_w_by_its_headline_only(tmp_path, registry):
     trainer = _trainer(tmp_path, registry, ["eval.guidance=[0, 1]"])
     swept = trainer.evaluate()
-    from dis_core.metrics import is_per_step, on_console
+    from dis_core.contract.metrics import is_per_step, on_console
 
     shown = {k for k in swept if on_console(k, trainer.solver.evaluators)}
     heads = {f"{name}/{ev.headline}" for name, ev in trainer.solver.evaluators.items()}

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dis_core.interfaces import BuildContext, HaltingStrategy, TaskSpec
-from dis_core.supervision import StepRule, SupervisedStep
+from dis_core.contract.interfaces import BuildContext, HaltingStrategy, TaskSpec
+from dis_core.step.supervision import StepRule, SupervisedStep
 from dis_plugins.halting import ACTConfig, FixedConfig, build_act, build_fixed
 
 N_SUP = 6
@@ -151,8 +151,8 @@ def test_each_loss_term_is_logged_as_the_total_is(tmp_path, registry):
     are per-slot means like train/loss, and add up to it."""
     from conftest import tiny_recipe
 
-    from dis_core.recipe import load_recipe
-    from dis_core.trainer import Trainer
+    from dis_core.wiring.recipe import load_recipe
+    from dis_core.loop.trainer import Trainer
 
     path = tiny_recipe(tmp_path, steps=4, extra='[halting]\nname = "act"\nconfig = { continue_loss = true }\n')
     Trainer(load_recipe(path, registry), registry, tmp_path / "run", data_dir=tmp_path / "data").fit(registry)

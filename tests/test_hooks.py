@@ -16,14 +16,15 @@ import attrs
 import pytest
 import torch
 
-from dis_core import hookimpl, hookspecs
-from dis_core.build import build_components
-from dis_core.errors import CapabilityError, PluginError, UserError
-from dis_core.interfaces import IGNORE, TaskSpec
-from dis_core.plugins import load_registry
-from dis_core.recipe import load_recipe, resolve
-from dis_core.registry import KINDS
-from dis_core.trainer import Trainer
+from dis_core import hookimpl
+from dis_core.contract import hookspecs
+from dis_core.wiring.build import build_components
+from dis_core.contract.errors import CapabilityError, PluginError, UserError
+from dis_core.contract.interfaces import IGNORE, TaskSpec
+from dis_core.wiring.plugins import load_registry
+from dis_core.wiring.recipe import load_recipe, resolve
+from dis_core.wiring.registry import KINDS
+from dis_core.loop.trainer import Trainer
 
 from conftest import ROOT, tiny_recipe
 
@@ -148,7 +149,7 @@ def test_every_build_context_member_is_documented():
 
     import attrs
 
-    from dis_core.interfaces import BuildContext
+    from dis_core.contract.interfaces import BuildContext
 
     from conftest import ROOT
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import dis_core
-from dis_core import cli
-from dis_core.recipe import load_recipe
-from dis_core.trainer import Trainer
+from dis_core.tools import cli
+from dis_core.wiring.recipe import load_recipe
+from dis_core.loop.trainer import Trainer
 
 from conftest import ROOT, subprocess_env, tiny_recipe
 
@@ -30,7 +30,7 @@ def _train(tmp_path, registry, overrides=(), name="run"):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A ~20-step tiny N-Queens run with EMA weights (evaluated and checkpointed at its end)."""
-    from dis_core.plugins import load_registry
+    from dis_core.wiring.plugins import load_registry
 
     tmp = tmp_path_factory.mktemp("inference")
     out, summary = _train(tmp, load_registry(), ["train.ema=0.9"])
@@ -56,7 +56,7 @@ def test_trained_weights_without_ema_and_a_checkpoint_directory(tmp_path, regist
     model = dis_core.load(out / "checkpoints" / "step_20", data_dir=tmp_path / "data", registry=registry)
     assert model.weights == "trained" and model.step == 20 and model.run_dir == out
     assert model.evaluate() == _evaluator_metrics(summary)
-    with pytest.raises(dis_core.errors.CheckpointError, match="no ema_weights.pt"):
+    with pytest.raises(dis_core.contract.errors.CheckpointError, match="no ema_weights.pt"):
         dis_core.load(out, weights="ema", data_dir=tmp_path / "data", registry=registry)
 
 
@@ -162,7 +162,7 @@ def test_eval_under_a_launcher_is_sliced_and_merged(run, tmp_path):
     pytest.importorskip("torch.distributed.run")
     out, summary, data = run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dis_core.cli", "eval", str(out), "--out", str(tmp_path / "ev2"), "--data-dir", str(data)]
+           "-m", "dis_core.tools.cli", "eval", str(out), "--out", str(tmp_path / "ev2"), "--data-dir", str(data)]
     done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
@@ -200,7 +200,7 @@ def test_each_task_parses_its_own_format_and_draws_its_grids(tmp_path):
     assert sudoku.decode(np.array([1, 2, 3, 4, 5] + [0] * 11)) == ".1234" + "?" * 11
     assert sudoku.decode(np.array([1, 2, 3, 4, 5] + [0] * 11), [[0] * 4] * 4)[0] == [0, 1, 2, 3]
     maze = dict(_tasks(tmp_path))["maze"]
-    with pytest.raises(dis_core.errors.DataError, match="exactly one 'S'"):
+    with pytest.raises(dis_core.contract.errors.DataError, match="exactly one 'S'"):
         maze.encode_inputs(["#" * 49])
 
 
@@ -218,14 +218,14 @@ def test_arc_parses_grids_and_task_ids(tmp_path):
     test = task.dataset("test").get(np.arange(1))
     assert (task.encode_inputs([[[5]]])["inputs"][0] == test["inputs"][0]).all()  # the original variant's canvas
     assert task.render_grid(enc["inputs"][0]).shape == (30, 30, 3)
-    with pytest.raises(dis_core.errors.DataError, match="puzzle 0"):
+    with pytest.raises(dis_core.contract.errors.DataError, match="puzzle 0"):
         task.encode_inputs([[[10]]])
 
 
 def test_a_task_without_hooks_gets_a_token_grid_and_token_lists(tmp_path):
-    from dis_core.interfaces import TaskSpec
-    from dis_core.supervision import Rollout
-    from dis_core.trajectories import draw
+    from dis_core.contract.interfaces import TaskSpec
+    from dis_core.step.supervision import Rollout
+    from dis_core.outputs.trajectories import draw
 
     class Bare:
         spec = TaskSpec(vocab_size=11, seq_len=8)

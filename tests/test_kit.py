@@ -1,5 +1,5 @@
-"""The kit for plugin authors: boundary checks that name the plugin (dis_core.checks), the
-conformance checks of dis_core.testing, `dis check` and `dis show` (dis_core.kit).
+"""The kit for plugin authors: boundary checks that name the plugin (dis_core.contract.checks), the
+conformance checks of dis_core.testing, `dis check` and `dis show` (dis_core.tools.kit).
 
 A fresh third-party task, `sort` (sort a few digits), is defined inline below with switches that
 break it in the ways authors do; the two tutorial packages are installed with pip as in
@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from dis_core import hookimpl, testing
-from dis_core.checks import BatchCheck, Boundary, FramesCheck, Who
-from dis_core.data import fetch
-from dis_core.errors import PluginError
-from dis_core.interfaces import IGNORE, TaskSpec
-from dis_core.kit import check_recipe, format_rows, render_example, show_examples
-from dis_core.plugins import load_registry
-from dis_core.recipe import load_recipe
+from dis_core.contract.checks import BatchCheck, Boundary, FramesCheck, Who
+from dis_core.step.data import fetch
+from dis_core.contract.errors import PluginError
+from dis_core.contract.interfaces import IGNORE, TaskSpec
+from dis_core.tools.kit import check_recipe, format_rows, render_example, show_examples
+from dis_core.wiring.plugins import load_registry
+from dis_core.wiring.recipe import load_recipe
 
 from conftest import ROOT, pip_install_target, subprocess_env, tiny_recipe
 
@@ -216,7 +216,7 @@ def test_wrong_frames_name_the_generator_and_its_plugin(bug, message):
 
 
 def test_the_trainer_checks_batches_and_frames_where_they_enter(tmp_path, kit_registry):
-    from dis_core.trainer import Trainer
+    from dis_core.loop.trainer import Trainer
 
     resolved = sort_recipe(tmp_path, kit_registry, targets="bad_frames")
     trainer = Trainer(resolved, kit_registry, tmp_path / "run", data_dir=tmp_path / "data")
@@ -412,7 +412,7 @@ def test_dis_check_and_show_on_the_tutorial_packages(tmp_path):
     env = subprocess_env(PYTHONPATH=str(site))
 
     def dis(*args):
-        return subprocess.run([sys.executable, "-m", "dis_core.cli", *args], capture_output=True, text=True, env=env,
+        return subprocess.run([sys.executable, "-m", "dis_core.tools.cli", *args], capture_output=True, text=True, env=env,
                               cwd=tmp_path, timeout=300)
 
     parity = str(EXAMPLES / "dis-task-parity" / "parity_quick.toml")

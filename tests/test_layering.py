@@ -18,6 +18,8 @@ them. Such an import can still reach into another plugin, which this test does n
 from __future__ import annotations
 
 import ast
+
+import pytest
 import sys
 import tomllib
 from pathlib import Path
@@ -136,7 +138,7 @@ def _cycles(nodes: list[str]) -> list[list[str]]:
 
 
 def test_the_module_list_is_complete():
-    assert {"dis_core.reveal", "dis_plugins.targets", "dis_plugins.tasks.arc.task", "dis_plugins.backbones.layers"} <= set(MODULES)
+    assert {"dis_core.contract.reveal", "dis_plugins.targets", "dis_plugins.tasks.arc.task", "dis_plugins.backbones.layers"} <= set(MODULES)
     assert "dis_plugins.tasks.arc" in _plugin_packages()
 
 
@@ -167,7 +169,7 @@ def test_no_import_circles():
 def test_no_import_circles_even_through_function_level_imports(monkeypatch):
     # Deferred imports cannot break loading, but a circle through them is still a tangle of
     # responsibilities. The package module itself is left out: `dis_core.load` is a lazy
-    # re-export of dis_core.inference, which imports from the package.
+    # re-export of dis_core.tools.inference, which imports from the package.
     full = imports
     monkeypatch.setattr(sys.modules[__name__], "imports", lambda m, load_time=True: full(m, load_time=False))
     for layer in ("dis_core.", "dis_plugins."):
@@ -175,9 +177,17 @@ def test_no_import_circles_even_through_function_level_imports(monkeypatch):
         assert not cycles, f"import circles among {layer}* modules: {cycles}"
 
 
-# The contract layer: what a plugin is written against. It must stand without the wiring
-# (registry, plugin loading, recipes, building) that is written against it.
-CONTRACT = {"dis_core.interfaces", "dis_core.errors", "dis_core.slots", "dis_core.hookspecs", "dis_core.compat"}
+# dis_core's layers, in order (docs/architecture.md): each subpackage imports only itself and the
+# ones before it, function-level imports included. The contract, what a plugin is written
+# against, so stands without the wiring (registry, plugin loading, recipes, building) written
+# against it.
+LAYERS = ("contract", "wiring", "step", "outputs", "loop", "tools")
+CONTRACT = {m for m in MODULES if m == "dis_core.contract" or m.startswith("dis_core.contract.")}
+
+
+def layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if parts[0] == "dis_core" and len(parts) > 1 and parts[1] in LAYERS else None
 
 
 def reached(module: str) -> set[str]:
@@ -190,6 +200,21 @@ def reached(module: str) -> set[str]:
                 seen.add(target)
                 todo.append(target)
     return seen
+
+
+def test_every_layer_has_modules_and_every_core_module_a_layer():
+    assert {layer(m) for m in MODULES if layer(m) is not None} == set(range(len(LAYERS)))
+    # Only the package, the plugin author's checks and the `python -m dis_core.cli` entry stand outside.
+    assert {m for m in MODULES if m.startswith("dis_core") and layer(m) is None} == {"dis_core", "dis_core.testing", "dis_core.cli"}
+
+
+def test_each_layer_imports_only_the_layers_before_it():
+    breaches = [
+        f"{m} ({LAYERS[layer(m)]}) imports {t} ({LAYERS[layer(t)]})"
+        for m in MODULES if layer(m) is not None
+        for t in sorted(imports(m, load_time=False)) if layer(t) is not None and layer(t) > layer(m)
+    ]
+    assert not breaches, "a layer imports a later one:\n" + "\n".join(breaches)
 
 
 def test_the_contract_imports_no_wiring():
@@ -212,6 +237,11 @@ def test_the_checks_see_a_breach_and_a_circle(tmp_path, monkeypatch):
     assert _may_import("dis_plugins.tasks.arc.task", "dis_plugins.tasks.arc.encoding", ["dis_plugins.tasks.arc"])
     assert not _may_import("dis_plugins.tasks.arc.task", "dis_plugins.tasks.nqueens", ["dis_plugins.tasks.arc"])
     # the contract check sees a deferred import of the wiring (what BuildContext.build once had)
-    (tmp_path / "d.py").write_text("def build():\n    from dis_core.plugins import load_registry\n")
+    (tmp_path / "d.py").write_text("def build():\n    from dis_core.wiring.plugins import load_registry\n")
     monkeypatch.setitem(fake, "dis_core.d", tmp_path / "d.py")
-    assert {"dis_core.plugins", "dis_core.registry"} <= reached("dis_core.d")
+    assert {"dis_core.wiring.plugins", "dis_core.wiring.registry"} <= reached("dis_core.d")
+    # the layer check sees a step module importing the loop, even in a function
+    (tmp_path / "e.py").write_text("def f():\n    from dis_core.loop import trainer\n")
+    monkeypatch.setitem(fake, "dis_core.step.e", tmp_path / "e.py")
+    with pytest.raises(AssertionError, match=r"\(step\) imports dis_core.loop.trainer \(loop\)"):
+        test_each_layer_imports_only_the_layers_before_it()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from dis_core import hookimpl
-from dis_core.errors import UserError
-from dis_core.recipe import load_recipe
-from dis_core.trainer import Trainer
+from dis_core.contract.errors import UserError
+from dis_core.wiring.recipe import load_recipe
+from dis_core.loop.trainer import Trainer
 
 from conftest import tiny_recipe
 
@@ -175,7 +175,7 @@ class FlakyPlugin:
 
 
 def test_a_tracker_failing_mid_run_is_dropped_and_the_run_finishes(tmp_path):
-    from dis_core.plugins import load_registry
+    from dis_core.wiring.plugins import load_registry
 
     registry = load_registry(extra_plugins=(FlakyPlugin(),))
     _Flaky.calls = []

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dis_core.errors import DataError, UserError
-from dis_core.interfaces import BuildContext, EvalRecord
+from dis_core.contract.errors import DataError, UserError
+from dis_core.contract.interfaces import BuildContext, EvalRecord
 from dis_plugins.tasks.maze import MazeConfig, build_maze, build_maze_evaluator, valid_paths
 from dis_plugins.tasks.maze_puzzles import CHARSET, GOAL, OPEN, PATH, START, WALL
 

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from dis_core import cli, hookimpl
-from dis_core.errors import RecipeError
-from dis_core.interfaces import Stream
-from dis_core.kit import check_recipe, format_rows
-from dis_core.plugins import load_registry
-from dis_core.recipe import load_recipe
-from dis_core.slots import SLOTS, Slot
-from dis_core.trainer import Trainer
+from dis_core.tools import cli
+from dis_core import hookimpl
+from dis_core.contract.errors import RecipeError
+from dis_core.contract.interfaces import Stream
+from dis_core.tools.kit import check_recipe, format_rows
+from dis_core.wiring.plugins import load_registry
+from dis_core.wiring.recipe import load_recipe
+from dis_core.contract.slots import SLOTS, Slot
+from dis_core.loop.trainer import Trainer
 
 from conftest import tiny_recipe
 
@@ -123,7 +124,7 @@ def test_the_recipe_resolves_and_checks_the_new_kind(tmp_path, registry):
 
 
 def test_dis_plugins_lists_the_new_kind(registry, monkeypatch, capsys):
-    monkeypatch.setattr("dis_core.plugins.load_registry", lambda **kwargs: registry)
+    monkeypatch.setattr("dis_core.wiring.plugins.load_registry", lambda **kwargs: registry)
     assert cli.main(["plugins"]) == 0
     listed = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
     assert ["curriculum", "everything"] in listed and ["curriculum", "growing"] in listed

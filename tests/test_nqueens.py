@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dis_core.config import structure
-from dis_core.errors import UserError
+from dis_core.wiring.config import structure
+from dis_core.contract.errors import UserError
 from dis_plugins.tasks.nqueens import (
     EMPTY,
     QUEEN,
@@ -17,7 +17,7 @@ from dis_plugins.tasks.nqueens import (
     dihedral_perms,
     valid_solutions,
 )
-from dis_core.interfaces import BuildContext, Dataset
+from dis_core.contract.interfaces import BuildContext, Dataset
 
 
 def small(**kw):

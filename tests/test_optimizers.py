@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dis_core.interfaces import BuildContext
+from dis_core.contract.interfaces import BuildContext
 from dis_plugins.optimizers import AdamATan2, AdamATan2Config, AdamWConfig, build_adam_atan2, build_adamw
 
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from dis_core import cli, trajectories
-from dis_core.diagnostics import sample_indices
-from dis_core.errors import UserError
-from dis_core.kit import check_recipe, show_examples
-from dis_core.recipe import load_recipe
-from dis_core.solver import Solver
-from dis_core.supervision import Rollout
-from dis_core.selection import Choice, Verdict, pick, verdicts
-from dis_core.trajectories import columns
+from dis_core.tools import cli
+from dis_core.outputs import trajectories
+from dis_core.step.diagnostics import sample_indices
+from dis_core.contract.errors import UserError
+from dis_core.tools.kit import check_recipe, show_examples
+from dis_core.wiring.recipe import load_recipe
+from dis_core.step.solver import Solver
+from dis_core.step.supervision import Rollout
+from dis_core.outputs.selection import Choice, Verdict, pick, verdicts
+from dis_core.outputs.trajectories import columns
 from dis_plugins.evaluators import ExactEvaluator
 from dis_plugins.tasks.nqueens import EMPTY, QUEEN, NQueensConfig, NQueensEvaluator, NQueensTask
 

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from dis_core import hookimpl
-from dis_core.errors import CapabilityError, PluginError
-from dis_core.kit import check_recipe, format_rows
-from dis_core.plugins import load_registry
-from dis_core.recipe import load_recipe
-from dis_core.supervision import Carry, StepIn, StepOut, StepRule, SupervisedStep, TrainStats, rollout
-from dis_core.trainer import Trainer
+from dis_core.contract.errors import CapabilityError, PluginError
+from dis_core.tools.kit import check_recipe, format_rows
+from dis_core.wiring.plugins import load_registry
+from dis_core.wiring.recipe import load_recipe
+from dis_core.step.supervision import Carry, StepIn, StepOut, StepRule, SupervisedStep, TrainStats, rollout
+from dis_core.loop.trainer import Trainer
 from dis_plugins.backbones.layers import Block, InputEmbedding, Linear, Rotary, block_flops
 from dis_plugins.halting import FixedHalting
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dis_core.errors import DataError, UserError
-from dis_core.interfaces import IGNORE, BuildContext
-from dis_core.plugins import load_registry
+from dis_core.contract.errors import DataError, UserError
+from dis_core.contract.interfaces import IGNORE, BuildContext
+from dis_core.wiring.plugins import load_registry
 from dis_plugins.plan_import import PlanImport, PlanImportConfig, build_plan_import, resample_index
 from dis_plugins.tasks.sudoku import SudokuConfig, build_sudoku
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import dis_core
-from dis_core import cli, inference
-from dis_core.errors import DataError, UserError
-from dis_core.inference_cli import AnswerWriter
-from dis_core.interfaces import AnswerCheckingTask, GivensCheckingTask, PuzzleIO
-from dis_core.recipe import load_recipe
-from dis_core.trainer import Trainer
+from dis_core.tools import cli, inference
+from dis_core.contract.errors import DataError, UserError
+from dis_core.tools.inference_cli import AnswerWriter
+from dis_core.contract.interfaces import AnswerCheckingTask, GivensCheckingTask, PuzzleIO
+from dis_core.wiring.recipe import load_recipe
+from dis_core.loop.trainer import Trainer
 
 from conftest import tiny_recipe
 
@@ -26,7 +26,7 @@ N = 5  # the tiny recipe's board size
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 10-step tiny N-Queens run with EMA weights and two checkpoints kept (step_5, step_10)."""
-    from dis_core.plugins import load_registry
+    from dis_core.wiring.plugins import load_registry
 
     tmp = tmp_path_factory.mktemp("predict")
     registry = load_registry()

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dis_core.puzzle_embedding import PuzzleEmbedding
+from dis_core.step.puzzle_embedding import PuzzleEmbedding
 
 NUM_IDS, DIM, LR, WD = 10, 4, 0.1, 0.5
 RANK_IDS = [torch.tensor([1, 3, 3, 7]), torch.tensor([3, 5, 0])]  # id 3 is on both ranks

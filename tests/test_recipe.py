@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dis_core.errors import RecipeError
-from dis_core.recipe import apply_overrides, load_raw, load_recipe
+from dis_core.contract.errors import RecipeError
+from dis_core.wiring.recipe import apply_overrides, load_raw, load_recipe
 
 from conftest import ROOT, tiny_recipe
 

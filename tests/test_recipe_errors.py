@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dis_core.errors import RecipeError
-from dis_core.recipe import load_recipe
+from dis_core.contract.errors import RecipeError
+from dis_core.wiring.recipe import load_recipe
 
 from conftest import tiny_recipe
 

@@ -6,10 +6,10 @@ import attrs
 import pytest
 
 from dis_core import hookimpl
-from dis_core.errors import DuplicateComponentError, PluginError, UnknownComponentError
-from dis_core.interfaces import Evaluator
-from dis_core.plugins import load_registry, make_plugin_manager
-from dis_core.registry import KINDS, Registry
+from dis_core.contract.errors import DuplicateComponentError, PluginError, UnknownComponentError
+from dis_core.contract.interfaces import Evaluator
+from dis_core.wiring.plugins import load_registry, make_plugin_manager
+from dis_core.wiring.registry import KINDS, Registry
 
 
 @attrs.frozen(kw_only=True)
@@ -107,7 +107,7 @@ def test_trace_hooks_goes_to_stderr(monkeypatch, capsys):
     assert "register_target_generators" in captured.err and captured.out == ""
 
 
-# ------------------------------------------------------------------ contract versions (dis_core.compat)
+# ------------------------------------------------------------------ contract versions (dis_core.contract.compat)
 
 
 class _Cells:
@@ -126,8 +126,8 @@ class _Cells:
 def test_a_missing_deprecated_member_warns_and_a_missing_required_one_fails():
     import warnings
 
-    from dis_core.errors import DisContractWarning
-    from dis_core.registry import Entry, check_built
+    from dis_core.contract.errors import DisContractWarning
+    from dis_core.wiring.registry import Entry, check_built
 
     entry = Entry("evaluator", "cells", _Cfg, lambda c, x: None, "cells_plugin")
     with pytest.warns(DisContractWarning, match=r"evaluator 'cells' of plugin 'cells_plugin' \(_Cells\) has no `headline`"):
@@ -144,8 +144,8 @@ def test_a_missing_deprecated_member_warns_and_a_missing_required_one_fails():
 
 
 def test_optional_additions_have_their_defaults_and_a_declared_q_continue_needs_its_method():
-    from dis_core import compat
-    from dis_core.registry import Entry, check_built
+    from dis_core.contract import compat
+    from dis_core.wiring.registry import Entry, check_built
 
     class Halting10:  # contract 1.0: no uses_continue_loss, no continue_loss
         max_steps, uses_q_head = 2, False
@@ -188,7 +188,7 @@ class _AttrsField(_Cells):
 def test_the_static_check_reads_a_factorys_return_annotation():
     # The annotations are strings (`from __future__ import annotations`), read in this module's
     # globals: the classes above are module-level for that reason.
-    from dis_core import compat
+    from dis_core.contract import compat
 
     def notes(factory):
         return [row.member for row, _, _ in compat.static_notes("evaluator", "e", "p", factory, Evaluator)]

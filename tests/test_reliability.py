@@ -21,14 +21,16 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from dis_core import checkpoint, guards, hookimpl, rundir
-from dis_core.build import build_components
-from dis_core.cli import main
-from dis_core.errors import CheckpointError, PluginError, RunDiverged
-from dis_core.plugins import load_registry
-from dis_core.recipe import load_recipe
-from dis_core.checkpoint import params_digest
-from dis_core.trainer import Trainer
+from dis_core.loop import checkpoint, guards
+from dis_core import hookimpl
+from dis_core.outputs import rundir
+from dis_core.wiring.build import build_components
+from dis_core.tools.cli import main
+from dis_core.contract.errors import CheckpointError, PluginError, RunDiverged
+from dis_core.wiring.plugins import load_registry
+from dis_core.wiring.recipe import load_recipe
+from dis_core.loop.checkpoint import params_digest
+from dis_core.loop.trainer import Trainer
 
 from conftest import ROOT, subprocess_env, tiny_recipe
 
@@ -142,7 +144,7 @@ def test_a_locked_run_directory_is_refused_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, time; from pathlib import Path; from dis_core.rundir import acquire_lock; "
+        [sys.executable, "-c", f"import sys, time; from pathlib import Path; from dis_core.outputs.rundir import acquire_lock; "
                                f"acquire_lock(Path({str(out)!r}), 'holder'); print('locked', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, env=subprocess_env(PYTHONPATH=str(ROOT)),
     )
@@ -430,7 +432,7 @@ def test_generated_tasks_refuse_empty_splits(tmp_path, capsys, task):
 
 
 def test_arc_task_without_train_pairs_is_refused(tmp_path):
-    from dis_core.errors import DataError
+    from dis_core.contract.errors import DataError
     from dis_plugins.tasks.arc.sources import load_subset
 
     (tmp_path / "arc").mkdir()

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from dis_core import checkpoint, rundir
-from dis_core.cli import main
-from dis_core.plugins import load_registry
-from dis_core.recipe import load_recipe
-from dis_core.trainer import Interrupted, Trainer
+from dis_core.loop import checkpoint
+from dis_core.outputs import rundir
+from dis_core.tools.cli import main
+from dis_core.wiring.plugins import load_registry
+from dis_core.wiring.recipe import load_recipe
+from dis_core.loop.trainer import Interrupted, Trainer
 
 from conftest import ROOT, TINY_RECIPE, subprocess_env, tiny_recipe
 
@@ -244,7 +245,7 @@ def test_a_checkpoint_folder_that_cannot_be_created_is_a_checkpoint_error(tmp_pa
 def test_torch_failing_on_a_missing_folder_is_a_checkpoint_error(tmp_path, registry, monkeypatch):
     import torch
 
-    from dis_core.errors import CheckpointError
+    from dis_core.contract.errors import CheckpointError
 
     save = torch.save
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from dis_core.data import ExampleStream, GroupStream, make_stream
-from dis_core.errors import PluginError, UserError
-from dis_core.interfaces import PuzzleGroups, Stream
-from dis_core.recipe import load_recipe
-from dis_core.trainer import Trainer
+from dis_core.step.data import ExampleStream, GroupStream, make_stream
+from dis_core.contract.errors import PluginError, UserError
+from dis_core.contract.interfaces import PuzzleGroups, Stream
+from dis_core.wiring.recipe import load_recipe
+from dis_core.loop.trainer import Trainer
 from dis_plugins.tasks.arc.reference_layout import export_reference_layout
 from dis_plugins.tasks.arc.task import ArcConfig, ArcTask
 

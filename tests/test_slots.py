@@ -1,4 +1,4 @@
-"""The slot table (dis_core/slots.py) drives hookspecs, registry, recipes, building and `dis plugins`;
+"""The slot table (dis_core/contract/slots.py) drives hookspecs, registry, recipes, building and `dis plugins`;
 factories build through `ctx.build` and report through `ctx.fail`; one path rule for recipes;
 `--plugin` modules; installed plugin modules without @hookimpl."""
 
@@ -15,14 +15,15 @@ import pytest
 import tomllib
 from structlog.testing import capture_logs
 
-from dis_core import hookimpl, hookspecs
-from dis_core.build import build_components
-from dis_core.cli import main, plugin_rows
-from dis_core.errors import PluginError, RecipeError, UserError
-from dis_core.interfaces import BuildContext
-from dis_core.plugins import load_plugin_modules, load_registry
-from dis_core.recipe import load_recipe, resolve
-from dis_core.slots import SLOTS, Slot, parts
+from dis_core import hookimpl
+from dis_core.contract import hookspecs
+from dis_core.wiring.build import build_components
+from dis_core.tools.cli import main, plugin_rows
+from dis_core.contract.errors import PluginError, RecipeError, UserError
+from dis_core.contract.interfaces import BuildContext
+from dis_core.wiring.plugins import load_plugin_modules, load_registry
+from dis_core.wiring.recipe import load_recipe, resolve
+from dis_core.contract.slots import SLOTS, Slot, parts
 
 from conftest import ROOT, tiny_recipe
 
@@ -210,7 +211,7 @@ def test_a_context_without_a_registry_refuses_to_build_and_says_how(tmp_path):
     with pytest.raises(PluginError, match=r"^\$\.targets: ctx\.build\('target_generator', 'final'\) needs the "
                                           r"BuildContext's registry") as info:
         ctx.build("target_generator", "final")
-    assert "registry=dis_core.plugins.load_registry()" in str(info.value)
+    assert "registry=dis_core.wiring.plugins.load_registry()" in str(info.value)
     assert "dis_core.testing.context(task)" in str(info.value)
     # dis_core.testing hands plugin tests the installed plugins' registry explicitly.
     from dis_core import testing
@@ -223,7 +224,7 @@ def test_a_context_without_a_registry_refuses_to_build_and_says_how(tmp_path):
 
 
 def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
-    from dis_core.plugins import load_registry as fresh
+    from dis_core.wiring.plugins import load_registry as fresh
 
     registry = fresh()
     sub = tmp_path / "recipes" / "deep"

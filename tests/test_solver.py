@@ -1,4 +1,4 @@
-"""The model as one object (dis_core/solver.py, issue 18): training, evaluation, `dis_core.load`,
+"""The model as one object (dis_core/step/solver.py, issue 18): training, evaluation, `dis_core.load`,
 trajectory pictures, `dis bench` and `dis check` all run the `Solver` the recipe builds, in the
 precision it decided once; the trainer's attributes are read by no other module."""
 
@@ -12,12 +12,12 @@ import torch
 from structlog.testing import capture_logs
 
 import dis_core
-from dis_core import evaluation
-from dis_core.bench import time_eval
-from dis_core.kit import check_recipe, format_rows
-from dis_core.recipe import load_recipe
-from dis_core.solver import Solver
-from dis_core.trainer import Trainer
+from dis_core.loop import evaluation
+from dis_core.tools.bench import time_eval
+from dis_core.tools.kit import check_recipe, format_rows
+from dis_core.wiring.recipe import load_recipe
+from dis_core.step.solver import Solver
+from dis_core.loop.trainer import Trainer
 
 from conftest import ROOT, tiny_recipe
 
@@ -108,6 +108,6 @@ def _trainer_reads(path) -> list[str]:
 def test_no_other_module_reads_the_trainers_attributes():
     """Other modules construct a Trainer and call its loop (`fit`, `train_step`); what it is made
     of they take from the Solver and the TrainState."""
-    reads = {path.name: _trainer_reads(path) for path in sorted((ROOT / "dis_core").glob("*.py")) if path.name != "trainer.py"}
+    reads = {path.name: _trainer_reads(path) for path in sorted((ROOT / "dis_core").rglob("*.py")) if path.name != "trainer.py"}
     assert {name: r for name, r in reads.items() if set(r) - {"trainer.fit", "trainer.train_step"}} == {}
     assert reads["kit.py"] and reads["cli.py"] == ["trainer.fit"]  # the check sees the calls that are there

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dis_core.errors import CapabilityError
-from dis_core.interfaces import IGNORE, BuildContext, TaskSpec
-from dis_core.reveal import ranked_reveal
+from dis_core.contract.errors import CapabilityError
+from dis_core.contract.interfaces import IGNORE, BuildContext, TaskSpec
+from dis_core.contract.reveal import ranked_reveal
 from dis_plugins.solver_edits import SolverEditsConfig, build_solver_edits
 from dis_plugins.tasks.sudoku import SudokuConfig, build_sudoku
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from dis_core.cli import main
-from dis_core.plugins import load_registry
-from dis_core.recipe import load_recipe
-from dis_core.supervision import StepRule
+from dis_core.tools.cli import main
+from dis_core.wiring.plugins import load_registry
+from dis_core.wiring.recipe import load_recipe
+from dis_core.step.supervision import StepRule
 
 TRM_LIKE = """
 [task]

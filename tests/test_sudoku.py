@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dis_core.errors import DataError, UserError
-from dis_core.interfaces import BuildContext, EvalRecord
+from dis_core.contract.errors import DataError, UserError
+from dis_core.contract.interfaces import BuildContext, EvalRecord
 from dis_plugins.tasks.sudoku import SudokuConfig, build_sudoku, build_sudoku_evaluator
 from dis_plugins.tasks.sudoku_puzzles import Geometry, make_puzzle, solve, valid_grids
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dis_core.errors import UserError
-from dis_core.interfaces import IGNORE, BuildContext, TaskSpec
+from dis_core.contract.errors import UserError
+from dis_core.contract.interfaces import IGNORE, BuildContext, TaskSpec
 from dis_plugins.targets import (
     FinalConfig,
     MaskConfig,

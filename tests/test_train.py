@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from dis_core import checkpoint
-from dis_core.recipe import load_recipe
-from dis_core.schedule import lr_at
-from dis_core.trainer import Trainer
+from dis_core.loop import checkpoint
+from dis_core.wiring.recipe import load_recipe
+from dis_core.loop.schedule import lr_at
+from dis_core.loop.trainer import Trainer
 
 from conftest import tiny_recipe
 
@@ -160,7 +160,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, registry, halting)
 
 
 def test_micro_batch_must_divide_the_share_of_each_process(tmp_path, registry):
-    from dis_core.errors import UserError
+    from dis_core.contract.errors import UserError
 
     with pytest.raises(UserError, match="micro_batch_size=3 does not divide the 8 slots"):
         _train(tmp_path, registry, tmp_path / "run", ["train.micro_batch_size=3"])

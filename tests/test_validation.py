@@ -11,11 +11,12 @@ import sys
 import attrs
 import pytest
 
-from dis_core import engine
-from dis_core.cli import main
-from dis_core.errors import RecipeError, UserError
-from dis_core.recipe import MAX_EXTENDS, load_raw, load_recipe
-from dis_core.validators import finite, in_range, non_negative, positive, probability
+from dis_core.loop import engine
+from dis_core.wiring import deepspeed_table
+from dis_core.tools.cli import main
+from dis_core.contract.errors import RecipeError, UserError
+from dis_core.wiring.recipe import MAX_EXTENDS, load_raw, load_recipe
+from dis_core.contract.validators import finite, in_range, non_negative, positive, probability
 
 from conftest import tiny_recipe
 
@@ -140,7 +141,7 @@ def test_batch_split_is_checked_for_the_launchers_process_count(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # set by deepspeed / torchrun before dis starts
     # as when a recipe is loaded: before this process starts its process group (an earlier test
     # in this session may have started a one-process group)
-    monkeypatch.setattr(engine.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed_table.dist, "is_initialized", lambda: False)
     [problem] = engine.deepspeed_problems({}, global_batch=8, micro_batch=None, grad_clip=0.0)
     assert problem.endswith("@ $.train.global_batch_size") and "not divisible by the 3 processes" in problem
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dis_core import hookimpl
-from dis_core.validators import positive
+from dis_core.contract.validators import positive
 from dis_plugins.backbones.layers import (
     Block, InputEmbedding, Linear, Reasoner, Rotary, answer_logits, block_flops, check_shape_config, halting_logits,
     prefix_length, q_head, start_state, start_vector,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dis_core import hookimpl
-from dis_core.validators import positive
+from dis_core.contract.validators import positive
 from dis_plugins.backbones.layers import (
     Block, InputEmbedding, Linear, Reasoner, Rotary, answer_logits, block_flops, check_shape_config, halting_logits,
     prefix_length, q_head, start_state, start_vector,
@@ -117,7 +117,7 @@ class TRM(nn.Module):
         return y_before, y, z
 
     # Readouts for the paper's guidance (Eq. 5) and Advantage Margin (Prop. 4.1): optional
-    # capabilities of a backbone, used by `dis_core.guidance` at evaluation, never by training.
+    # capabilities of a backbone, used by `dis_core.step.guidance` at evaluation, never by training.
 
     def decode(self, y: torch.Tensor) -> torch.Tensor:
         """f_O: answer state y (B, S, D) -> logits (B, L, V)."""

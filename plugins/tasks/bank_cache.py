@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import structlog
 
-from dis_core.errors import DataError, UserError
+from dis_core.contract.errors import DataError, UserError
 
 log = structlog.get_logger()
 

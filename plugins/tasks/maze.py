@@ -24,11 +24,11 @@ import structlog
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import CapabilityError, DataError, UserError
-from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
-from dis_core.metrics import Tally
-from dis_core.reveal import ranked_reveal
-from dis_core.validators import positive
+from dis_core.contract.errors import CapabilityError, DataError, UserError
+from dis_core.contract.interfaces import IGNORE, EvalRecord, TaskSpec
+from dis_core.contract.metrics import Tally
+from dis_core.contract.reveal import ranked_reveal
+from dis_core.contract.validators import positive
 from dis_plugins.tasks.bank_cache import cached_bank, memoised_split, split_seed
 from dis_plugins.tasks.maze_puzzles import CHARSET, GOAL, OPEN, PATH, START, WALL, generate_bank, read_csv
 

@@ -16,8 +16,8 @@ from collections import deque
 
 import numpy as np
 
-from dis_core.errors import DataError
-from dis_core.logs import progress
+from dis_core.contract.errors import DataError
+from dis_core.contract.logs import progress
 from dis_plugins.tasks.puzzle_csv import csv_path, puzzle_rows, raise_first
 
 CHARSET = "# SGo"

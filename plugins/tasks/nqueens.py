@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from dis_core import hookimpl
-from dis_core.errors import CapabilityError, DataError, UserError
-from dis_core.interfaces import IGNORE, EvalRecord, TaskSpec
-from dis_core.metrics import Tally, final_and_ran
-from dis_core.reveal import ranked_reveal
-from dis_core.validators import in_range, non_negative, positive
+from dis_core.contract.errors import CapabilityError, DataError, UserError
+from dis_core.contract.interfaces import IGNORE, EvalRecord, TaskSpec
+from dis_core.contract.metrics import Tally, final_and_ran
+from dis_core.contract.reveal import ranked_reveal
+from dis_core.contract.validators import in_range, non_negative, positive
 
 PAD, EMPTY, QUEEN = 0, 1, 2
 TEST_SEED_OFFSET = 1000  # the reference seeds train 42 and test 1042

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-from dis_core.errors import DataError
+from dis_core.contract.errors import DataError
 from dis_plugins.tasks.bank_cache import utf8_text
 
 

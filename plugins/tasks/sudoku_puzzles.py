@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from dis_core.errors import DataError, UserError
-from dis_core.logs import progress
+from dis_core.contract.errors import DataError, UserError
+from dis_core.contract.logs import progress
 from dis_plugins.tasks.puzzle_csv import csv_path, puzzle_rows, raise_first
 
 

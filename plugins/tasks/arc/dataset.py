@@ -13,7 +13,7 @@ example whatever its variant count, as in the reference sampler (one random vari
 per epoch). Translations are a pure function of (seed, task, variant, example), fixed per
 augmented example like the reference's build-time draw, and one random example per variant
 stays at (0, 0). `groups()` declares each (group, variant) a puzzle, so the default group
-sampler (dis_core.data.GroupStream) trains in the reference's order: per pass one random variant
+sampler (dis_core.step.data.GroupStream) trains in the reference's order: per pass one random variant
 of every group, its examples together.
 
 Test split. Every variant of every test pair of the test-subset tasks, untranslated, in the
@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from dis_core.interfaces import IGNORE, PuzzleGroups
+from dis_core.contract.interfaces import IGNORE, PuzzleGroups
 
 from .augment import generate_variants, hash_uniform
 from .encoding import PAD, SIDE, render, transformed_shape

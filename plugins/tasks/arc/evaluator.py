@@ -36,7 +36,7 @@ import numpy as np
 import structlog
 import torch
 
-from dis_core.interfaces import IGNORE, EvalRecord
+from dis_core.contract.interfaces import IGNORE, EvalRecord
 
 from .encoding import PAD, crop, grid_from_key, grid_key, invert
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dis_core.errors import DataError
+from dis_core.contract.errors import DataError
 
 from .augment import hash_uniform
 from .dataset import _SALT_ROTATION, make_batch, task_key, variant_groups

@@ -23,7 +23,7 @@ import attrs
 import numpy as np
 import structlog
 
-from dis_core.errors import DataError, UserError
+from dis_core.contract.errors import DataError, UserError
 
 MAX_SIDE = 30
 log = structlog.get_logger()

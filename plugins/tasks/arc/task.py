@@ -9,9 +9,9 @@ import attrs
 import numpy as np
 import structlog
 
-from dis_core.errors import UserError
-from dis_core.interfaces import TaskSpec
-from dis_core.validators import non_negative, positive
+from dis_core.contract.errors import UserError
+from dis_core.contract.interfaces import TaskSpec
+from dis_core.contract.validators import non_negative, positive
 
 from .dataset import Corpus, TestSplit, TrainSplit
 from .encoding import SEQ_LEN, SIDE, VOCAB_SIZE, crop, render
