@@ -14,6 +14,12 @@
 #      same parameter digest in their checkpoint files.
 #   4. Throughput vs the official code (fp32 on the GPU, one process): dis at its default
 #      precision (bf16 on CUDA) should be >= 1.5x the official fp32 step at both configs.
+#   5. The preflight of every ARC recipe with this GPU's own probe (torch.cuda.max_memory_allocated),
+#      then 30 real steps of arc1_compact against it. The recipe headers give what the CPU probe
+#      and the published run times predict for an H100 (arc1_compact: ~37 GiB for its 512 slots
+#      on one GPU by a CPU's bf16 probe, likely less with fused attention; ~160 h on 1 H100, 40 h
+#      on 4). The real run's peak memory must stay within the preflight's figure x 1.25 (its
+#      headroom) plus the CUDA context, and its seconds per step within 3x of the preflight's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -71,3 +77,33 @@ if [ $# -ge 1 ]; then
 else
   echo "no TinyRecursiveModels checkout given: skipped (pass its path as the first argument)"
 fi
+
+echo "== 5. the preflight on this GPU, and 30 real steps of arc1_compact against it"
+for recipe in recipes/arc1_*.toml recipes/arc2_*.toml; do
+  echo "-- $recipe"
+  dis-run "$recipe" --dry-run | sed -n '/^# preflight/,$p'
+done
+dis-run recipes/arc1_compact.toml --dry-run --json > "$OUT/arc1_preflight.json"
+peak_file="$OUT/arc1_gpu_peak_mib"
+echo 0 > "$peak_file"
+( peak=0; while sleep 0.5; do
+    used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+    if [ "$used" -gt "$peak" ]; then peak=$used; echo "$peak" > "$peak_file"; fi
+  done ) &
+poller=$!
+dis-run recipes/arc1_compact.toml --out "$OUT/arc1_short" --set train.steps=30 --set train.log_interval=10 \
+  --set train.eval_interval=0 --set train.eval_limit=1024 --set train.checkpoint_every=off
+kill "$poller"
+python - "$OUT/arc1_preflight.json" "$OUT/arc1_short" "$peak_file" <<'EOF'
+import json, sys
+pf = json.load(open(sys.argv[1]))["preflight"]
+rows = {r["step"]: r for r in map(json.loads, open(f"{sys.argv[2]}/metrics.jsonl")) if r["split"] == "train"}
+step_s = (rows[30]["cost/wall_time_s"] - rows[10]["cost/wall_time_s"]) / 20
+peak = int(open(sys.argv[3]).read()) * 2**20
+print(f"seconds a step: preflight {pf['seconds']['step']:.3f}, measured {step_s:.3f} (ratio {pf['seconds']['step'] / step_s:.2f})")
+print(f"GPU memory: preflight needs {pf['needed'] / 2**30:.1f} GiB, nvidia-smi peak {peak / 2**30:.1f} GiB "
+      f"(the CUDA context and the allocator's cache included)")
+print("on paper (the recipe header's figures):", pf.get("gpus"))
+assert peak <= pf["needed"] * 1.25 + 2**30, "the preflight underestimates this GPU's memory"
+assert 1 / 3 <= pf["seconds"]["step"] / step_s <= 3, "the preflight's time is off by more than 3x"
+EOF

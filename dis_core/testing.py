@@ -53,7 +53,7 @@ from dis_core.contract.interfaces import (
 from dis_core.wiring.plugins import load_registry
 
 __all__ = [
-    "check_backbone", "check_evaluator", "check_halting", "check_optimizer", "check_target_generator", "check_task",
+    "check_backbone", "check_evaluator", "check_halting", "check_logger", "check_optimizer", "check_target_generator", "check_task",
     "context", "pick", "toy_task",
 ]
 

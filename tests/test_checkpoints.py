@@ -31,6 +31,7 @@ def test_keeps_the_newest_and_the_best(tmp_path, registry):
     kept = sorted(p.name for p in root.glob("step_*"))
     scores = {s: json.loads((root / s / "metrics.json").read_text())["exact/hamming@3"] for s in kept if (root / s / "metrics.json").exists()}
     assert "step_6" in kept and "step_5" in kept and len(kept) <= 3
+    assert "step_6" in scores  # the last checkpoint is written after the final evaluation, with its metrics
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["exact/hamming@3"] for r in rows if r["split"] == "eval"}
     best = min(evals, key=lambda s: (evals[s], -s))

@@ -103,7 +103,8 @@ def test_dry_run_json_stdout_is_pure_json(tmp_path):
 
 
 def test_bench_prints_throughput_figures(tmp_path):
-    res = _cli(["bench", str(tiny_recipe(tmp_path)), "--steps", "2", "--warmup", "1", "--data-dir", str(tmp_path / "data")], cwd=tmp_path)
+    res = _cli(["bench", str(tiny_recipe(tmp_path)), "--steps", "2", "--warmup", "1", "--data-dir", str(tmp_path / "data"),
+                "--set", "train.precision=fp32"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "examples x steps / s" in res.stdout and "GFLOP/s" in res.stdout and "of the measured fp32 matmul peak" in res.stdout
     assert "precision fp32" in res.stdout

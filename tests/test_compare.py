@@ -136,11 +136,17 @@ def test_compare_two_real_tiny_runs(tmp_path, registry):
     assert any(line.startswith("trm ") for line in text.splitlines())
 
 
-def test_per_step_metrics_in_step_order():
-    from dis_core.tools.compare import _metric_order
-
-    keys = ["exact/hamming@10", "exact/hamming@9", "exact/accuracy", "arc/pass@100", "arc/pass@2"]
-    assert sorted(keys, key=_metric_order) == ["arc/pass@2", "arc/pass@100", "exact/accuracy", "exact/hamming@9", "exact/hamming@10"]
+def test_per_step_metrics_in_step_order(tmp_path):
+    """`hamming@9` before `hamming@10`: a run's metrics and the table's columns count steps as numbers."""
+    run = tmp_path / "steps"
+    final = {"exact/hamming@10": 0.1, "exact/hamming@9": 0.2, "exact/accuracy": 0.5, "arc/pass@100": 1.0, "arc/pass@2": 0.5}
+    write_run(run, "steps", n_sup=10, targets="final", halting="fixed", final=final, evals=[(1e9, 0.5)])
+    ordered = ["arc/pass@2", "arc/pass@100", "exact/accuracy", "exact/hamming@2", "exact/hamming@9", "exact/hamming@10",
+               "nqueens/exact_accuracy", "nqueens/valid_solution_rate"]
+    assert load_run(run).metrics() == ordered
+    header = compare([run], per_step=True).splitlines()[0]
+    columns = [t for t in header.split() if "/" in t and not t.endswith("/ex")]
+    assert columns == ["nqueens/valid_solution_rate", *ordered[:-1]]  # the plotted metric first, then the rest in order
 
 
 # --------------------------------------------------------------------------------------------- studies

@@ -132,9 +132,10 @@ def test_the_builtins_keep_the_current_contract():
 
 
 def test_every_kind_has_a_contract():
-    """A new component kind needs its contract here too."""
-    covered = {"task", "backbone", "target_generator", "halting", "evaluator", "optimizer", "logger"}
-    assert set(KINDS.values()) == covered, f"kinds without a contract test in {ME}: {set(KINDS.values()) - covered}"
+    """A new component kind needs its contract here too: a `test_<kind>_contract` in this file."""
+    tests = {name for name, fn in globals().items() if name.startswith("test_") and callable(fn)}
+    missing = {kind for kind in KINDS.values() if f"test_{kind}_contract" not in tests}
+    assert not missing, f"kinds without a contract test in {ME}: {sorted(missing)}"
 
 
 # ------------------------------------------------------------------------------ tasks

@@ -38,12 +38,25 @@ def test_installed_plugin_is_discovered_and_runs(tmp_path):
 
 
 def test_builtins_are_declared_entry_points():
+    """The builtins are found as any third-party plugin is: every module of plugins/ that defines
+    a @hookimpl is a declared `dis` entry point (or a module of a declared package), and the
+    builtin components come from exactly those entry points."""
     import tomllib
 
+    from dis_core.wiring.plugins import load_registry
+
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["dis"]
-    for module in declared.values():
-        rel = module.replace("dis_plugins", "plugins").replace(".", "/")
-        assert (ROOT / f"{rel}.py").exists() or (ROOT / rel / "__init__.py").exists(), module
+    for path in sorted((ROOT / "plugins").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        hooked = any(isinstance(node, ast.FunctionDef) and any(getattr(d, "id", getattr(d, "attr", "")) == "hookimpl"
+                                                               for d in node.decorator_list) for node in ast.walk(tree))
+        if not hooked:
+            continue
+        parts = ["dis_plugins", *path.relative_to(ROOT / "plugins").with_suffix("").parts]
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        assert any(module == m or module.startswith(m + ".") for m in declared.values()), f"{path} is no entry point"
+    builtin = {e.plugin for e in load_registry().entries() if e.config_cls.__module__.startswith("dis_plugins")}
+    assert builtin == set(declared)
 
 
 def test_core_never_imports_builtin_plugins():

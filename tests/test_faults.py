@@ -139,3 +139,18 @@ def test_two_ranks_without_a_launcher_name_the_one_that_failed(tmp_path, fault):
     else:
         assert code1 == -9
         assert "rank 1 ended without reporting an error" in err0
+
+
+def test_a_command_ends_its_process_group_before_the_interpreter_does(tmp_path):
+    # A group left to the interpreter's exit can abort it (SIGABRT after the results were written):
+    # the CLI destroys it itself, and the launcher variables a lone process set for itself go too,
+    # so that a second command in the same process starts a fresh group. (gloo's threads of the
+    # group DeepSpeed's engine clones can outlive the destroy in-process; not asserted here.)
+    import torch.distributed as dist
+
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_recipe(tmp_path, steps=2)), "--out", str(out), "--data-dir", str(tmp_path / "data")]) == 0
+    assert not dist.is_initialized()
+    assert "MASTER_PORT" not in os.environ
+    assert main(["eval", str(out), "--out", str(tmp_path / "ev"), "--data-dir", str(tmp_path / "data")]) == 0  # a new group
+    assert not dist.is_initialized() and "MASTER_PORT" not in os.environ

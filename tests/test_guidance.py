@@ -235,9 +235,12 @@ def test_an_adaptive_rule_reports_fewer_calls(tmp_path, registry):
 
 def test_a_dis_run_can_train_the_q_head(tmp_path, registry):
     trainer = _trainer(tmp_path, registry, ["halting.name=fixed", "halting.config.q_head=true", "halting.config.eval_halt=q_head"])
-    assert trainer.solver.backbone.q_head.weight.requires_grad
+    head = trainer.solver.backbone.q_head
+    assert all(p.requires_grad for p in head.parameters())
+    before = [p.detach().clone() for p in head.parameters()]
     out = trainer.train_step()
     assert set(out.losses) == {"ce", "halt"}
+    assert all(not torch.equal(b, p) for b, p in zip(before, head.parameters()))  # the halting loss moved the head
     assert trainer.state.carry.steps.max() <= 3  # training still runs n_sup steps per slot
     m = trainer.evaluate()
     assert 1 <= m["diagnostics/mean_steps"] <= 3

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from dis_core import hookimpl
-from dis_core.contract import hookspecs
 from dis_core.wiring.build import build_components
 from dis_core.contract.errors import CapabilityError, PluginError, UserError
 from dis_core.contract.interfaces import IGNORE, TaskSpec
@@ -62,6 +61,7 @@ class Probe:
                 raise self.fail[kind]
             return make(ctx)
 
+        factory.made_by = inspect.currentframe().f_back.f_code.co_name  # the hook method registering it
         return factory
 
     @hookimpl
@@ -104,19 +104,25 @@ def _probe_recipe(**widths) -> dict:
     }
 
 
-def test_hookspecs_and_registry_kinds_agree():
-    hooks = {n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, f"{hookspecs.PROJECT}_spec")}
-    assert hooks == set(KINDS)
-    for name in hooks:  # one parameter, named register, as docs/hooks.md states
-        assert list(inspect.signature(getattr(hookspecs, name)).parameters) == ["register"]
+# The hooks and their kinds as docs/hooks.md promises them to plugin authors (a rename breaks
+# every plugin): written out here, not read from the slot table the code generates them from.
+DOCUMENTED = {
+    "register_tasks": "task", "register_backbones": "backbone", "register_target_generators": "target_generator",
+    "register_halting_strategies": "halting", "register_evaluators": "evaluator", "register_optimizers": "optimizer",
+    "register_loggers": "logger",
+}
 
 
 def test_every_hook_registers_under_its_kind():
+    """What a plugin registers through a hook is filed under that hook's documented kind: the
+    entry found under each kind is the one the Probe's hook of that kind made, and there is no
+    other kind."""
     registry = load_registry(extra_plugins=(Probe(),), load_entry_points=False)
-    for hook, kind in KINDS.items():
+    for hook, kind in DOCUMENTED.items():
         entry = registry.get(kind, "probe")
         assert (entry.kind, entry.config_cls, entry.doc) == (kind, ProbeConfig, "Probe component."), hook
-    assert {e.kind for e in registry.entries()} == set(KINDS.values())
+        assert entry.factory.made_by == hook
+    assert {e.kind for e in registry.entries()} == set(DOCUMENTED.values())
 
 
 def test_factories_get_the_documented_build_context(tmp_path):
@@ -317,7 +323,7 @@ def test_inline_components_of_every_kind_train_and_evaluate(tmp_path):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
     # targets: once for the targets report (CPU sample), then at each refill (steps 1 and 4)
     assert [n for _, n, _ in rec.target_calls] == [3, 3, 3] and all(g for _, _, g in rec.target_calls)
-    assert [shape for shape, _, _ in rec.target_calls] == [(256, 25), (8, 25), (8, 25)]  # report sample: 256 of 360
+    assert [shape for shape, _, _ in rec.target_calls] == [(256, 25), (8, 25), (8, 25)]  # report: 256 of 360 (docs/hooks.md)
     labels = trainer.state.carry.batch["labels"]
     assert (trainer.state.carry.targets[:, -1] == labels).all() and (labels != IGNORE).all()
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dis_core import hookimpl, testing
-from dis_core.contract.checks import BatchCheck, Boundary, FramesCheck, Who
+from dis_core.contract.checks import BatchCheck, FramesCheck, Who
 from dis_core.step.data import fetch
 from dis_core.contract.errors import PluginError
 from dis_core.contract.interfaces import IGNORE, TaskSpec
@@ -220,7 +220,6 @@ def test_the_trainer_checks_batches_and_frames_where_they_enter(tmp_path, kit_re
 
     resolved = sort_recipe(tmp_path, kit_registry, targets="bad_frames")
     trainer = Trainer(resolved, kit_registry, tmp_path / "run", data_dir=tmp_path / "data")
-    assert trainer.solver.boundary == Boundary.of(trainer.solver.components, kit_registry)
     with pytest.raises(PluginError, match=r"target generator 'bad_frames' \(plugin 'kit_test'\) returned frames of shape \(4, 2, 6\)"):
         trainer.train_step()
     resolved = sort_recipe(tmp_path, kit_registry, bug="vocab")

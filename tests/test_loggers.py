@@ -185,11 +185,27 @@ def test_a_tracker_failing_mid_run_is_dropped_and_the_run_finishes(tmp_path):
     assert _Flaky.calls == ["start", 1, 2]  # dropped at its failure: no more rows, no finish
 
 
-def test_a_missing_tracker_package_names_the_extra(monkeypatch):
-    from dis_plugins import loggers
+@pytest.mark.parametrize("name, package", [("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow")])
+def test_a_missing_tracker_package_names_the_extra(name, package, monkeypatch, tmp_path):
+    """Building a tracker whose package is not installed names the extra of dis that installs it,
+    one pyproject.toml declares with that package."""
+    import re
+    import sys
+    import tomllib
 
-    with pytest.raises(UserError, match=r"pip install 'dis\[wandb\]'"):
-        loggers._require("no_such_module_for_dis", "wandb", "wandb")
+    from dis_core.contract.interfaces import BuildContext
+    from dis_core.wiring.plugins import load_registry
+
+    from conftest import ROOT
+
+    entry = load_registry().get("logger", name)
+    monkeypatch.setitem(sys.modules, package, None)  # `import <package>` now raises ImportError
+    message = rf"^logger '{name}' needs the `{package}` package .*install it with: pip install 'dis\[\w+\]'$"
+    with pytest.raises(UserError, match=message) as info:
+        entry.factory(entry.config_cls(), BuildContext(seed=0, n_sup=2, data_dir=tmp_path, component="$.loggers[0]"))
+    extra = re.search(r"dis\[(\w+)\]", str(info.value)).group(1)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(re.match(rf"{package}(-skinny)?\b", dep) for dep in extras.get(extra, [])), (extra, extras)
 
 
 def test_mlflow_metric_names():

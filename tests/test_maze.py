@@ -55,13 +55,48 @@ def test_labels_are_shortest_paths(tmp_path):
     assert (lengths == (b["labels"] == PATH).sum(1) + 1).all()
 
 
+def _distances(grid, source):
+    """BFS distance from `source` to every reachable open cell."""
+    R, C = grid.shape
+    dist, q = {source: 0}, deque([source])
+    while q:
+        r, c = q.popleft()
+        for n in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+            if 0 <= n[0] < R and 0 <= n[1] < C and grid[n] != WALL and n not in dist:
+                dist[n] = dist[(r, c)] + 1
+                q.append(n)
+    return dist
+
+
+def _loops(grid) -> int:
+    """Independent cycles of the open cells (edges - cells + 1 for a connected maze; 0 for a tree)."""
+    open_ = grid != WALL
+    edges = int((open_[1:] & open_[:-1]).sum() + (open_[:, 1:] & open_[:, :-1]).sum())
+    return edges - int(open_.sum()) + 1
+
+
+def _several_shortest_paths(grid) -> bool:
+    s, g = (tuple(np.argwhere(grid == t)[0]) for t in (START, GOAL))
+    from_s, from_g = _distances(grid, s), _distances(grid, g)
+    d = from_s[g]
+    return sum(1 for cell in from_s if from_s[cell] + from_g.get(cell, d + 1) == d) > d + 1
+
+
 def test_non_square_and_loops(tmp_path):
     task = _task(tmp_path, rows=9, cols=14, loop_fraction=0.3, unique_path=False, augment=True)
     ds = task.dataset("train")
     assert len(ds) == 12 * 4  # the shape-preserving dihedral transforms only
     b = ds.get(np.arange(48))
     for x, y in zip(b["inputs"], b["labels"]):
-        _check_label(x, y, (9, 14))
+        _check_label(x, y, (9, 14))  # a shortest path, on a board of 9 rows and 14 columns
+    grids = [x.reshape(9, 14) for x in b["inputs"]]
+    assert all(_loops(g) > 0 for g in grids)  # walls knocked down: cycles in every maze
+    assert any(_several_shortest_paths(g) for g in grids)  # unique_path = false lets those in
+    # Without loop_fraction the maze is a tree; with unique_path, one shortest path each.
+    trees = _task(tmp_path / "trees", rows=9, cols=14, loop_fraction=0.0).dataset("train").get(np.arange(12))["inputs"]
+    assert all(_loops(x.reshape(9, 14)) == 0 for x in trees)
+    unique = _task(tmp_path / "unique", rows=9, cols=14, loop_fraction=0.3).dataset("train").get(np.arange(12))["inputs"]
+    assert not any(_several_shortest_paths(x.reshape(9, 14)) for x in unique)
 
 
 def test_dihedral_augmentation_keeps_validity(tmp_path):

@@ -40,7 +40,7 @@ def test_default_sizes_and_spec(tmp_path):
     assert isinstance(train, Dataset)
     assert (len(train), len(test)) == (800 * 9, 200)
     with pytest.raises(UserError, match="splits"):
-        task.dataset("valid")
+        task.dataset("dev")  # "valid" is the validation split (tests/test_valid_split.py)
 
 
 def test_labels_are_valid_and_givens_consistent():

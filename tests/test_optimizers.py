@@ -91,14 +91,20 @@ def test_state_dict_round_trip_continues_identically():
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
 
 
-def test_factories(tmp_path):
+def test_factories_build_their_optimizer_from_the_config(tmp_path):
+    """Each factory hands its config to the optimizer, over the parameters it is given. (The
+    defaults are the reference's; tests/test_docs.py holds them to docs/recipes.md.)"""
     ctx = BuildContext(seed=0, n_sup=2, data_dir=tmp_path)
     net = torch.nn.Linear(3, 2)
-    make = build_adam_atan2(AdamATan2Config(), ctx)
-    opt = make(net.parameters())
+    opt = build_adam_atan2(AdamATan2Config(lr=3e-3, betas=(0.8, 0.9), weight_decay=0.25), ctx)(net.parameters())
     assert isinstance(opt, AdamATan2)
-    assert opt.param_groups[0]["lr"] == 1e-4  # the base the trainer's schedule scales
-    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["weight_decay"] == 0.1
-    assert isinstance(build_adamw(AdamWConfig(), ctx)(net.parameters()), torch.optim.AdamW)
+    (group,) = opt.param_groups
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-3, (0.8, 0.9), 0.25)  # lr: the schedule's base
+    assert group["params"] == list(net.parameters())
+    opt = build_adamw(AdamWConfig(lr=2e-3, betas=(0.7, 0.8), weight_decay=0.5, eps=1e-6), ctx)(net.parameters())
+    assert isinstance(opt, torch.optim.AdamW)
+    (group,) = opt.param_groups
+    assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (2e-3, (0.7, 0.8), 0.5, 1e-6)
+    assert group["params"] == list(net.parameters())
     with pytest.raises(ValueError):
         AdamATan2Config(betas=(0.9, 1.0))

@@ -41,11 +41,20 @@ def test_old_module_paths_are_the_moved_modules(old):
 
 
 def test_the_documented_conformance_checks_exist():
+    """README's `dis_core.testing` item names the conformance checks, one per component kind:
+    each is a function `from dis_core.testing import *` gives a plugin package's tests."""
     from dis_core import testing
+    from dis_core.contract.slots import SLOTS
 
-    for name in ("check_task", "check_target_generator", "check_evaluator", "check_backbone", "check_halting",
-                 "check_optimizer", "check_logger"):
-        assert callable(getattr(testing, name)), name
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    item = readme[readme.index("- `dis_core.testing`:"):]
+    item = item[:item.index("\n- ")]
+    documented = set(re.findall(r"`(check_\w+)`", item))
+    assert documented == {f"check_{slot.kind}" for slot in SLOTS}  # one per kind, and no other
+    star: dict = {}
+    exec("from dis_core.testing import *", star)  # noqa: S102
+    for name in documented:
+        assert callable(star.get(name)) and star[name] is getattr(testing, name), name
 
 
 def test_import_dis_core_stays_free_of_torch_and_the_cli_module_runs():

@@ -68,7 +68,11 @@ def test_step_sums_duplicates_then_sign_sgd_with_decay_only_on_batch_rows():
     want[3] = before[3] * (1 - LR * WD) - LR * torch.sign(coef[1] + coef[2])  # sign of the *sum*: [-1, 1, 1, -1]
     torch.testing.assert_close(emb.weights, want)
     assert torch.equal(emb.weights[[0, 2, 4]], before[[0, 2, 4]])  # untouched rows keep their values, no decay
-    assert emb._pending == []
+    # The step consumed the batch's rows: another step without a forward changes nothing.
+    assert emb.pending_rows() == [] and emb.memory_bytes() == NUM_IDS * DIM * 4
+    after = emb.weights.clone()
+    emb.step(LR, WD)
+    assert torch.equal(emb.weights, after)
 
 
 def test_two_forwards_before_one_step_accumulate():

@@ -33,7 +33,9 @@ def test_all_errors_collected_with_file_and_path(tmp_path, registry):
     assert str(path) in msg
     # A type error of the recipe's own keys does not stop the component pass (tests/test_recipe_errors.py).
     assert len(info.value.problems) == 3
-    assert "global_batch_size" in msg and "hiddn" in msg and "exactt" in msg
+    at = sorted(p.rpartition(" @ ")[2] for p in info.value.problems)  # each problem names its key
+    assert at == ["$.backbone.config", "$.evaluators[0].name", "$.train.global_batch_size"]
+    assert all(p in msg for p in info.value.problems)
 
 
 def test_component_errors_collected_together(tmp_path, registry):

@@ -407,7 +407,8 @@ def test_out_of_memory_names_the_size_and_suggests_a_smaller_batch(tmp_path, cap
     code, err = _run(["run", str(tiny_recipe(tmp_path)), "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")], capsys)
     assert code == 2 and "Traceback" not in err
     assert "tried to allocate 2.50 GiB" in err and "train.global_batch_size = 8" in err
-    assert "--set train.global_batch_size=4" in err
+    # The micro-batch, not the global batch: the same training, by gradient accumulation.
+    assert "--set train.micro_batch_size=4" in err and "--set train.eval_batch_size=4" in err
 
 
 # ------------------------------------------------------------------ 6. validation gaps

@@ -4,10 +4,14 @@ factories build through `ctx.build` and report through `ctx.fail`; one path rule
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import textwrap
+import types
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -16,14 +20,13 @@ import tomllib
 from structlog.testing import capture_logs
 
 from dis_core import hookimpl
-from dis_core.contract import hookspecs
 from dis_core.wiring.build import build_components
 from dis_core.tools.cli import main, plugin_rows
 from dis_core.contract.errors import PluginError, RecipeError, UserError
-from dis_core.contract.interfaces import BuildContext
-from dis_core.wiring.plugins import load_plugin_modules, load_registry
+from dis_core.contract.interfaces import BuildContext, TaskSpec
+from dis_core.wiring.plugins import load_plugin_modules, load_registry, make_plugin_manager
 from dis_core.wiring.recipe import load_recipe, resolve
-from dis_core.contract.slots import SLOTS, Slot, parts
+from dis_core.contract.slots import SLOTS, Slot, parts, value_at
 
 from conftest import ROOT, tiny_recipe
 
@@ -31,24 +34,125 @@ from conftest import ROOT, tiny_recipe
 # ------------------------------------------------------------------ the table is the one place
 
 
-def test_the_builtin_table_maps_every_name_of_a_kind():
-    row = next(s for s in SLOTS if s.kind == "target_generator")
-    assert (row.key, row.hook, row.interface().__name__, row.attribute) == (
-        "targets", "register_target_generators", "TargetGenerator", "targets")
-    assert SLOTS[0].kind == "task"  # built first: later factories see it
-    hooks = {n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, f"{hookspecs.PROJECT}_spec")}
-    assert hooks == {s.hook for s in SLOTS}
+def _table(text: str, header: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header row starts with `header`, as cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:  # past the header and its rule
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _headings(text: str, level: int) -> set[str]:
+    """The text of every heading of exactly `level` #s outside fenced code."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    return {m.group(1).strip() for m in re.finditer(rf"^{'#' * level} (.*)$", prose, re.M)}
+
+
+def _section_path(section: str) -> tuple[str, bool]:
+    """`[train.optimizer]` -> ("train.optimizer", one); `[[evaluators]]` -> ("evaluators", many)."""
+    many = section.startswith("`[[")
+    return section.strip("`[]"), many
+
+
+class _Stub(SimpleNamespace):
+    """A stand-in with every method a component Protocol names (building checks them)."""
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+def _hook_table() -> list[tuple[str, str, str]]:
+    """(hook, registry kind, recipe section) of each row of the table atop docs/hooks.md."""
+    rows = _table((ROOT / "docs" / "hooks.md").read_text(), "| Hook | Registry kind | Recipe section |")
+    return [(hook.strip("`"), kind.strip("`"), section) for hook, kind, section, *_ in rows]
+
+
+def test_each_documented_hook_registers_its_kind_and_is_built_from_its_section(tmp_path):
+    """docs/hooks.md's table is what a plugin author relies on: a plugin implementing the hook a
+    row names is called, its component is registered under the row's kind, and a recipe naming
+    it in the row's section builds it (the task first: every later factory sees it)."""
+    rows = _hook_table()
+    offered = {name for name in vars(make_plugin_manager(load_entry_points=False).hook) if name.startswith("register_")}
+    assert {hook for hook, _, _ in rows} == offered  # every hook a plugin can implement, and no other
+
+    made, seen_task = {}, {}
+
+    def hook_impl(hook, kind):
+        def factory(config, ctx):
+            seen_task[kind] = ctx.task
+            made[kind] = _Stub(spec=TaskSpec(vocab_size=3, seq_len=4), monotone=True, max_steps=ctx.n_sup, headline="n")
+            return made[kind]
+
+        def impl(register):
+            register("row_probe", FlipConfig, factory)
+
+        impl.__name__ = hook
+        return hookimpl(impl), factory
+
+    plugin = types.ModuleType("row_probe_plugin")
+    factories = {}
+    for hook, kind, _ in rows:
+        impl, factories[kind] = hook_impl(hook, kind)
+        setattr(plugin, hook, impl)
+    registry = load_registry(extra_plugins=(plugin,), load_entry_points=False)
+    for hook, kind, _ in rows:
+        assert registry.get(kind, "row_probe").factory is factories[kind], hook
+
+    data = {"supervision": {"n_sup": 2}, "train": {"global_batch_size": 2, "steps": 1}}
+    for _, _, section in rows:
+        key, many = _section_path(section)
+        *parents, last = key.split(".")
+        table = data
+        for part in parents:
+            table = table.setdefault(part, {})
+        table[last] = [{"name": "row_probe"}] if many else {"name": "row_probe"}
+    comp = build_components(resolve(data, registry), registry, tmp_path)
+    for _, kind, section in rows:
+        key, many = _section_path(section)
+        assert comp.by_path[f"{key}[0]" if many else key] is made[kind], section
+        if kind != "task":
+            assert seen_task[kind] is made["task"], kind
+
+
+def test_the_recipes_docs_say_what_an_absent_section_becomes(tmp_path, registry):
+    """docs/recipes.md, "Component sections": one row per section of docs/hooks.md's table, each
+    with a section of its own, and what a recipe that leaves the section out gets."""
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    rows = {section: (kind, absent) for section, kind, absent in _table(recipes, "| Section | Kind | When absent |")}
+    assert {section: kind for section, (kind, _) in rows.items()} == {section: kind for _, kind, section in _hook_table()}
+    assert set(rows) <= _headings(recipes, 2), "docs/recipes.md needs a '## <section>' per component section"
+
+    full = tomllib.loads(tiny_recipe(tmp_path).read_text())
+    for section, (kind, absent) in rows.items():
+        key, many = _section_path(section)
+        *parents, last = key.split(".")
+        data = copy.deepcopy(full)
+        table = data
+        for part in parents:
+            table = table[part]
+        table.pop(last, None)
+        if absent.startswith("required"):
+            with pytest.raises(RecipeError, match=rf"required field missing @ \$\.{re.escape(key)}\b"):
+                resolve(data, registry)
+            continue
+        resolved = resolve(data, registry)
+        names = [spec.name for spec in value_at(resolved.recipe, key)] if many else [value_at(resolved.recipe, key).name]
+        documented = re.findall(r"`(\w+)`", absent.split("(")[0])  # names before any explanation
+        assert names == documented, f"{section}: docs say {absent!r}, a recipe without it gets {names}"
+
+
+def test_component_paths_split_into_keys_and_indices():
     assert parts("evaluators[1].config.x") == ("evaluators", 1, "config", "x")
-
-
-def test_docs_describe_every_slot():
-    hooks, recipes = ((ROOT / "docs" / name).read_text() for name in ("hooks.md", "recipes.md"))
-    for slot in SLOTS:
-        section = f"`[[{slot.key}]]`" if slot.many else f"`[{slot.key}]`"
-        assert f"| `{slot.hook}` | `{slot.kind}` | {section} |" in hooks, slot  # the table atop docs/hooks.md
-        assert f"\n## {section}\n" in recipes, f"docs/recipes.md needs the section '## {section}'"
-        absent = "required" if slot.default is None else f"`{slot.default}`"
-        assert f"| {section} | {slot.kind} | {absent}" in recipes or (slot.many and f"| {section} | {slot.kind} |" in recipes), slot
+    assert parts("train.optimizer") == ("train", "optimizer")
 
 
 @runtime_checkable

@@ -38,6 +38,7 @@ def test_solver_edits_on_sudoku(tmp_path):
     batch = {k: torch.from_numpy(v) for k, v in task.dataset("train").get(np.arange(12)).items()}
     out = gen(batch, 3, torch.Generator().manual_seed(0))
     assert out.shape == (12, 3, 16) and out.dtype == torch.int64
+    assert torch.equal(out, task.solver_trajectory(batch, 3))  # the task's own solve order, frame for frame
     assert (out[:, -1] == batch["labels"]).all()
     dist = (out != batch["labels"][:, None]).sum(-1)  # (B, 3) Hamming distance to y*
     assert (dist[:, 1:] <= dist[:, :-1]).all()

@@ -8,7 +8,7 @@ import torch
 
 from dis_core.contract.errors import DataError, UserError
 from dis_core.contract.interfaces import BuildContext, EvalRecord
-from dis_plugins.tasks.sudoku import SudokuConfig, build_sudoku, build_sudoku_evaluator
+from dis_plugins.tasks.sudoku import SudokuConfig, augmentation, build_sudoku, build_sudoku_evaluator
 from dis_plugins.tasks.sudoku_puzzles import Geometry, make_puzzle, solve, valid_grids
 
 # A known 9x9 puzzle (unique solution) and its solution.
@@ -49,11 +49,12 @@ def test_nine_by_nine_minimal_puzzle_and_difficulty():
     assert solve(geo, q, limit=2)[0] == [s]
     assert sorted(order) == [c for c in range(81) if q[c] == 0]  # every blank fixed once
     # minimal: removing any clue breaks uniqueness
-    c = next(i for i in range(81) if q[i])
-    fewer = list(q)
-    fewer[c] = 0
-    assert len(solve(geo, fewer, limit=2)[0]) == 2
-    assert difficulty >= 0
+    for c in (i for i in range(81) if q[i]):
+        fewer = list(q)
+        fewer[c] = 0
+        assert len(solve(geo, fewer, limit=2)[0]) == 2, c
+    # the difficulty is the dead ends the solver meets on the question
+    assert difficulty == solve(geo, q, limit=2)[1]
 
 
 def test_min_difficulty_and_cache(tmp_path):
@@ -92,9 +93,26 @@ def test_augmentation_keeps_puzzle_and_solution_consistent(tmp_path, size):
     assert len(task.dataset("test")) == 10  # test is never augmented
 
 
-def test_transpose_only_with_square_boxes(tmp_path):
-    task = _task(tmp_path, size=4, num_train=1, num_augmentations=64)
-    b = task.dataset("train").get(np.arange(65))
+def _transposed(src: np.ndarray, n: int) -> np.ndarray:
+    """Per variant: whether its cell map transposes the board. Row and column shuffles keep
+    each row's cells in one source row; a transpose sends them down one source column."""
+    rows = src.reshape(-1, n, n) // n  # (K, n, n) the source row of every cell
+    return ~(rows == rows[:, :, :1]).all(axis=(1, 2))
+
+
+@pytest.mark.parametrize("size, square", [(4, True), (6, False)])
+def test_transpose_only_with_square_boxes(tmp_path, size, square):
+    """Transposing a board of 2x3 boxes would make them 3x2: only square boxes are transposed,
+    and about half the variants of those are."""
+    task = _task(tmp_path, size=size, num_train=1, num_augmentations=64)
+    ds = task.dataset("train")
+    b = ds.get(np.arange(65))  # the puzzle, then its 64 variants
+    src, digits = augmentation(task.geo, ds.seed, np.arange(1, 65))
+    # the maps are the ones the split applies: each variant's solution is the moved, relabelled original
+    assert (np.take_along_axis(digits, np.take_along_axis(np.repeat(b["labels"][:1] - 1, 64, 0), src, axis=1), axis=1)
+            == b["labels"][1:] - 1).all()
+    flipped = _transposed(src, size)
+    assert 16 < flipped.sum() < 48 if square else not flipped.any()
     assert valid_grids(b["labels"] - 1, task.geo).all()
 
 

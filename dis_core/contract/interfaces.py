@@ -89,7 +89,10 @@ class Task(Protocol):
     spec: TaskSpec
 
     def dataset(self, split: str) -> Dataset:
-        """The split "train" or "test" (built or loaded on first call, then cached)."""
+        """The split "train" or "test" (built or loaded on first call, then cached). Optional
+        (contract 1.4): "valid", held out of training and distinct from test, built only when
+        asked for (`eval.split = "valid"`, `dis study`); a task without one raises `UserError`
+        saying so."""
         ...
 
 

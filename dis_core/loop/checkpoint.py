@@ -24,7 +24,7 @@ import structlog
 import torch
 
 from dis_core.loop import engine as dist_engine
-from dis_core.loop import guards
+from dis_core.loop import guards, reshard
 from dis_core.contract.errors import CheckpointError
 from dis_core.outputs.rundir import atomic_write
 
@@ -211,6 +211,7 @@ def find_latest(root: Path, world: int) -> str | None:
 def load(ds_engine, root: Path, tag: str) -> tuple[dict, dict]:
     """Restore module + optimizer into the engine; return (shared client state, this rank's state).
     Raises `CheckpointError` naming the tensors when the checkpoint belongs to another model."""
+    reshard.check_zero(root / tag, dist_engine.world_size(), ds_engine.zero_optimization_stage())
     try:
         _, client = ds_engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     except (RuntimeError, ValueError) as exc:
@@ -220,7 +221,8 @@ def load(ds_engine, root: Path, tag: str) -> tuple[dict, dict]:
         raise
     if client is None:
         raise FileNotFoundError(f"no loadable DeepSpeed checkpoint in {root / tag}")
-    rank_state = torch.load(root / tag / RANK_FILE.format(rank=dist_engine.rank()), weights_only=False)
+    # Written by another number of processes: this rank's share of the slots and stream (reshard).
+    rank_state = reshard.rank_state(root / tag, dist_engine.rank(), dist_engine.world_size(), ds_engine.train_batch_size())
     return client, rank_state
 
 
@@ -228,7 +230,7 @@ def load_newest(ds_engine, root: Path, world: int) -> tuple[str, dict, dict, lis
     """Load the newest checkpoint every rank can read -> (tag, shared state, this rank's state,
     the tags skipped). The ranks agree on each candidate, so all resume from the same one."""
     skipped: list[str] = []
-    for tag in candidates(root, world):
+    for tag in candidates(root, 1):  # written by any number of processes (reshard); a missing rank file fails its load
         try:
             client, mine = load(ds_engine, root, tag)
             reason = None

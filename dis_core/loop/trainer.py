@@ -10,28 +10,30 @@ then the puzzle table's sign-SGD step; (4) the halting strategy marks slots done
 halting all slots halt together, so a batch runs its n_sup steps and is replaced whole; with
 `act` halted slots are replaced one by one (the reference carry semantics).
 
-SIGINT (Ctrl-C) and SIGTERM stop training at the end of the step under way, after a checkpoint
-of it (dis_core.loop.stopping); a second one stops at once.
+Before the first step a preflight (dis_core.loop.preflight) measures what the run needs and stops
+it (exit 2) when it cannot fit; it chooses an "auto" micro-batch. Checkpoints come every
+`train.checkpoint_interval` steps and every `train.checkpoint_every` of wall time. SIGINT (Ctrl-C)
+and SIGTERM stop training at the end of the step under way, after a checkpoint of it
+(dis_core.loop.stopping); a second one stops at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 
 import structlog
 import torch
 
-from dis_core.loop import evaluation, guards, training_state
+from dis_core.loop import evaluation, guards, pace, preflight, training_state
 from dis_core.outputs import trajectories
 from dis_core.loop import engine as dist
 from dis_core.step.data import fetch
 from dis_core.outputs.loggers import LoggerSet
-from dis_core.contract.logs import progress
+from dis_core.contract.logs import in_words, progress
 from dis_core.contract.metrics import on_console
-from dis_core.wiring.recipe import ResolvedRecipe
+from dis_core.wiring.recipe import ResolvedRecipe, parse_duration
 from dis_core.outputs.rundir import RunDir
 from dis_core.outputs.runinfo import check_targets, count_params, finished_summary, recipe_method, run_info
 from dis_core.loop.schedule import set_lr
@@ -58,17 +60,33 @@ class Trainer:
         self.run.lock()  # one run per directory; a no-op when the CLI already holds it
         self.solver = solver if solver is not None else Solver.build(resolved, registry, data_dir or Path("data"), device=device)
         self.run.loggers = LoggerSet(self.solver.components.loggers)  # [[loggers]]: fed by what the run directory writes (rank 0)
-        self.train_set, self.test_set = self.solver.dataset("train"), self.solver.dataset("test")
+        self.train_set, self.test_set = self.solver.dataset("train"), self.solver.dataset(self.recipe.eval.split)  # eval.split: "test" or "valid"
+        self.preflight = self._preflight()  # before the engine: it chooses the micro-batch
         self.engine = self._make_engine()
         self.state = TrainState.start(self.solver, cfg, self.engine.module, rank=self.rank, world=self.world)
         self.stats = TrainStats()
-        self.total_steps = self._total_steps()
+        self.total_steps = self.preflight.steps
         self.last_eval, self.last_eval_step = {}, None
         self.signals = StopSignals(rank=self.rank, world=self.world, device=device)
         self.guard = guards.NonFiniteGuard(cfg.on_nonfinite, newest_checkpoint=lambda: training_state.newest(self.run.checkpoints))
         self.resumed_from = training_state.restore(self.state, self.engine, self.run, device) if resume else None
 
     # ------------------------------------------------------------------ setup
+
+    def _preflight(self) -> preflight.Preflight:
+        """What the run needs, printed (rank 0); stops here, before anything trains, if it cannot fit."""
+        pf = preflight.agree(preflight.plan(self.resolved, self.solver, world=self.world),
+                             self.solver.device)
+        if self.rank == 0:
+            log.info("preflight\n" + "\n".join(f"  {line}" for line in preflight.report(pf, note=False)))
+            if pf.note:
+                log.warning(pf.note)
+            if pf.unmeasured and self.train_cfg.preflight:  # the run goes on; a broken component fails it in its step
+                log.warning(f"preflight: memory and time not measured ({pf.unmeasured})")
+        self._long_run_said = pf.note is not None or self.solver.device.type != "cpu"
+        if pf.problem:
+            raise preflight.PreflightError(pf.problem)
+        return pf
 
     def _make_engine(self):
         solver, cfg = self.solver, self.train_cfg
@@ -83,19 +101,12 @@ class Trainer:
         model = solver.step_module()  # freezes a q-head the halting strategy does not use: build the optimizer after
         optimizer = solver.components.make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        chosen = self.preflight.micro_batch  # train.micro_batch_size, or what "auto" chose
         ds_config = dist.deepspeed_config(self.recipe.deepspeed, global_batch=cfg.global_batch_size, world=self.world,
-                                          grad_clip=cfg.grad_clip, micro_batch=cfg.micro_batch_size)
-        micro, accumulate = dist.accumulation(cfg.global_batch_size, self.world, cfg.micro_batch_size)
+                                          grad_clip=cfg.grad_clip, micro_batch=chosen)
+        micro, accumulate = dist.accumulation(cfg.global_batch_size, self.world, chosen)
         self.micro_batches = [slice(i * micro, (i + 1) * micro) for i in range(accumulate)]
         return dist.make_engine(model, optimizer, ds_config)
-
-    def _total_steps(self) -> int:
-        if self.train_cfg.steps is not None:
-            return self.train_cfg.steps
-        # An epoch is one pass over the training examples, each run for its max_steps supervision
-        # steps (exact for `fixed` halting; with ACT, halted slots take new data sooner).
-        per_epoch = len(self.train_set) * self.solver.halting.max_steps / self.train_cfg.global_batch_size
-        return max(1, math.ceil(self.train_cfg.epochs * per_epoch))
 
     def save_checkpoint(self) -> Path:
         metrics = self.last_eval if self.last_eval_step == self.state.step else None
@@ -156,7 +167,7 @@ class Trainer:
         solver, cfg, ema, step = self.solver, self.train_cfg, self.state.ema, self.state.step
         with solver.evaluating(), ema.applied() if ema is not None else contextlib.nullcontext():
             metrics = evaluation.evaluate(
-                solver, self.test_set, batch_size=cfg.eval_batch_size or cfg.global_batch_size, limit=cfg.eval_limit,
+                solver, self.test_set, batch_size=self.preflight.eval_batch, limit=cfg.eval_limit,
                 generator=self.state.generator, out_dir=lambda name: self.run.eval_dir(step, name),
                 check=solver.boundary.batch, **evaluation.options(self.recipe.eval),
             )
@@ -187,13 +198,19 @@ class Trainer:
         # taken for the user's own (rundir.is_run), and is never overwritten.
         self.run.write_recipe(self.resolved.to_dict())
         self.run.write_json("run.json", run_info(self.solver, s, registry, run_name=self.run.path.name, command=self.command,
-                                                 world=self.world, total_steps=self.total_steps, targets_report=targets_report))
+                                                 world=self.world, total_steps=self.total_steps, targets_report=targets_report,
+                                                 preflight=self.preflight.as_dict()))
         self.engine.module.train()
         log.info("training", run=str(self.run.path), steps=self.total_steps, start=s.step, world=self.world,
-                 device=str(self.solver.device), precision=self.solver.precision, params=count_params(self.solver.backbone))
+                 device=str(self.solver.device), precision=self.solver.precision, params=count_params(self.solver.backbone),
+                 micro_batch=self.preflight.micro_batch, checkpoint_every=cfg.checkpoint_every)
         session_steps, last_eval, last_ckpt = 0, None, None
         start_time = time.perf_counter() - s.ledger.wall_time_s
+        self.pace = pace.Pace(s, total_steps=self.total_steps, eval_interval=cfg.eval_interval, world=self.world,
+                              eval_estimate_s=self.preflight.seconds.get("evaluation", 0.0) / self.preflight.evaluations)
+        every, last_ckpt_time = parse_duration(cfg.checkpoint_every), pace.now()
         with progress(self.total_steps, "train", rank=self.rank, unit="step", initial=s.step) as bar:
+            bar.eta_s = self.pace.eta
             while s.step < self.total_steps:
                 self.train_step()
                 session_steps += 1
@@ -201,16 +218,22 @@ class Trainer:
                 if s.step % cfg.log_interval == 0 or s.step == self.total_steps:
                     metrics = self._train_metrics()
                     self.run.log(s.step, "train", metrics | self._cost())
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", **self.pace.postfix(), refresh=False)
                 bar.update(1)
+                self._say_if_long(session_steps)
                 if (signum := self.signals.requested()) is not None:  # before an evaluation, which may be long
                     self._stop(signum, saved=False)
                 if cfg.eval_interval and s.step % cfg.eval_interval == 0 and s.step < self.total_steps:
+                    began = pace.now()
                     self._log_eval(self.evaluate())
+                    self.pace.evaluated(pace.now() - began)
                     last_eval = s.step
-                if cfg.checkpoint_interval and s.step % cfg.checkpoint_interval == 0:
+                # The last step's checkpoint comes after its evaluation (below), so that it holds
+                # that evaluation's metrics and `train.keep_best` can choose it.
+                if s.step < self.total_steps and ((cfg.checkpoint_interval and s.step % cfg.checkpoint_interval == 0)
+                                                  or self._checkpoint_due(every, last_ckpt_time)):
                     self.save_checkpoint()
-                    last_ckpt = s.step
+                    last_ckpt, last_ckpt_time = s.step, pace.now()
                 if stop_after is not None and session_steps >= stop_after:
                     return {}
         if (signum := self.signals.requested()) is not None:  # received during the last step's evaluation or checkpoint
@@ -222,6 +245,27 @@ class Trainer:
         summary = {"step": s.step, **final, **self._cost(), "params": count_params(self.solver.backbone)}
         self.run.write_json("summary.json", summary)
         return summary
+
+    def _checkpoint_due(self, every: float | None, since: float) -> bool:
+        """Whether `train.checkpoint_every` has passed since the last checkpoint; with several
+        processes a collective (any rank's clock past it: all checkpoint at the same step)."""
+        if every is None:
+            return False
+        due = pace.now() - since >= every
+        if self.world == 1:
+            return due
+        return dist.all_reduce_sum(torch.tensor([1.0 if due else 0.0], device=self.solver.device)).item() > 0
+
+    def _say_if_long(self, session_steps: int) -> None:
+        """Once, from the pace of the first steps when no preflight said it: a run that will take
+        more than a day on a CPU, and the recipe meant for this machine."""
+        if self._long_run_said or session_steps < 3:
+            return
+        self._long_run_said = True
+        eta = self.pace.eta()
+        if eta is not None and eta > 86400 and self.rank == 0:
+            log.warning(f"{in_words(eta)} to go on this CPU: the recipe is meant for GPUs; on this machine use "
+                        f"{preflight.cpu_recipe(self.resolved)}")
 
     def _stop(self, signum: int, *, saved: bool):
         """Checkpoint the step just finished (unless it is) and stop; the CLI says how to resume."""

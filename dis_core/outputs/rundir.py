@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -188,6 +189,19 @@ def _leftover(entry: Path) -> bool:
     if entry.name == LOCK_FILE or re.fullmatch(r"\..+\.tmp\d+", entry.name):
         return True
     return entry.name in ("checkpoints", "eval") and entry.is_dir() and not any(entry.iterdir())
+
+
+def remove_unused(path: Path) -> bool:
+    """Remove the run directory `path` if it holds only what a run that stopped before writing
+    anything leaves (`_leftover`); True if removed."""
+    path = Path(path)
+    try:
+        if not path.is_dir() or not all(_leftover(p) for p in path.iterdir()):
+            return False
+        shutil.rmtree(path)
+    except OSError:
+        return False
+    return True
 
 
 def _check_foreign(path: Path) -> None:

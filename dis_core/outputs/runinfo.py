@@ -68,8 +68,9 @@ def components(resolved, registry) -> list[dict]:
 
 
 def run_info(solver, state, registry, *, run_name: str, command: str, world: int, total_steps: int,
-             targets_report: dict) -> dict:
-    """The content of run.json, for a run of `solver` from `state` (a TrainState)."""
+             targets_report: dict, preflight: dict | None = None) -> dict:
+    """The content of run.json, for a run of `solver` from `state` (a TrainState); `preflight`:
+    what the preflight measured and chose (dis_core.loop.preflight)."""
     resolved = solver.components.resolved
     source = Path(resolved.source)
     return {
@@ -94,6 +95,8 @@ def run_info(solver, state, registry, *, run_name: str, command: str, world: int
         # TRM, DIS or neither, from the targets and the step input (and which of them was chosen).
         "method": recipe_method(resolved),
         **static_figures(solver.components),
+        # The micro-batch and evaluation batch chosen, the memory and time measured before the first step.
+        **({"preflight": preflight} if preflight is not None else {}),
         # The recipe file, absolute and through any symlink, so that `--resume` without `--out`
         # finds this recipe's runs however its path is typed.
         **({"recipe_path": str(source.resolve())} if source.is_file() else {}),

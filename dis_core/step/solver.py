@@ -6,7 +6,7 @@ A `Solver` holds the components the recipe built (task, backbone, target generat
 evaluators, and any other kind the slot table declares), the puzzle table, the step rule, the
 device and the precision. It is built once, by `Solver.build`, from a resolved recipe.
 
-The precision is decided here and nowhere else (`engine.resolve_precision`): `bf16` is autocast
+The precision is decided here and nowhere else (`devices.resolve_precision`): `bf16` is autocast
 around every backbone call over fp32 weights. Every forward goes through `rollout` or the
 training module `step_module` builds, and both take it from here, so no path (a checkpoint's
 evaluation, `dis check`) runs a bf16 recipe in fp32.
@@ -25,9 +25,23 @@ from dis_core.step import devices as dist
 from dis_core.step.accounting import StepCost
 from dis_core.wiring.build import Components, build_components
 from dis_core.contract.checks import Boundary
+from dis_core.contract.errors import CapabilityError
 from dis_core.contract.compat import puzzle_emb_ndim_of
 from dis_core.step.puzzle_embedding import PuzzleEmbedding
 from dis_core.step.supervision import Rollout, StepRule, SupervisedStep, autocast, rollout
+
+
+def checkpoint_activations(backbone: torch.nn.Module) -> None:
+    """`train.activation_checkpointing`: a backbone supports it with an `activation_checkpointing`
+    attribute, which it reads in its forward (trm and hrm recompute the calls with gradient in the
+    backward, `dis_plugins.backbones.layers.call`). Setting it is the Solver's only part."""
+    if not hasattr(backbone, "activation_checkpointing"):
+        raise CapabilityError(
+            f"train.activation_checkpointing = true, but the backbone {type(backbone).__name__} does not support it: "
+            f"it has no `activation_checkpointing` attribute to set (trm and hrm have one; a backbone adds it and, "
+            f"when it is true, recomputes its calls in the backward, e.g. with torch.utils.checkpoint). Set "
+            f"train.activation_checkpointing = false")
+    backbone.activation_checkpointing = True
 
 
 @attrs.frozen(kw_only=True, eq=False)  # one model: compared (and hashed) by identity
@@ -55,6 +69,8 @@ class Solver:
         torch.manual_seed(train.seed)
         comp = build_components(resolved, registry, Path(data_dir), rank=dist.rank(), world_size=dist.world_size())
         spec, backbone = comp.task.spec, comp.backbone.to(device)
+        if train.activation_checkpointing:
+            checkpoint_activations(backbone)
         ndim = puzzle_emb_ndim_of(backbone)
         return cls(
             components=comp,

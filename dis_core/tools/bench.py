@@ -95,7 +95,7 @@ def bench(resolved, registry, *, steps: int = 20, warmup: int = 3, data_dir: Pat
         evaluated = time_eval(solver, eval_batches) if eval_batches else None
     train = resolved.recipe.train
     med, batch, world = statistics.median(times), train.global_batch_size, dist.world_size()
-    micro, _ = dist.accumulation(batch, world, train.micro_batch_size)
+    micro = trainer.preflight.micro_batch  # train.micro_batch_size, or what "auto" chose
     cost = solver.cost
     gflops = cost.train_flops * batch / med / 1e9
     lines = [

@@ -101,6 +101,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     inference_cli.add_parsers(sub)
     COMMANDS.update(inference_cli.COMMANDS)
+    from dis_core.tools import study  # `dis study` (issue 21); cheap to import
+
+    study.add_parsers(sub)
+    COMMANDS.update(study.COMMANDS)
     return parser
 
 
@@ -175,7 +179,8 @@ def cmd_run(args) -> int:
     registry, resolved = _load(args)
     if args.dry_run:
         return _dry_run(args, registry, resolved)
-    from dis_core.outputs.rundir import default_out, latest_run, open_run_dir, release_lock
+    from dis_core.loop.preflight import PreflightError
+    from dis_core.outputs.rundir import default_out, latest_run, open_run_dir, release_lock, remove_unused
 
     out = args.out
     if args.resume and out is None:
@@ -188,10 +193,16 @@ def cmd_run(args) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("with several processes pass --out DIR, so every rank writes to the same run directory")
     args.run_dir = out  # for the message of an interrupted run
+    fresh = not out.exists()
     # Lock the directory first (a second run stops here, naming the holder), then check what it holds.
     open_run_dir(out, resume=args.resume, is_main=int(os.environ.get("RANK", "0")) == 0, command=" ".join(sys.argv))
     try:
         return _train(args, registry, resolved, out)
+    except PreflightError:
+        release_lock(out)
+        if fresh:  # stopped before writing anything: leave no empty directory behind for the corrected command
+            remove_unused(out)
+        raise
     finally:
         release_lock(out)
 
@@ -211,10 +222,16 @@ def _train(args, registry, resolved, out: Path) -> int:
     return 0
 
 
-# Extending a run (more steps, other intervals) is fine; changing what it trains is not. Trackers
-# (`loggers`) may be added or changed.
-RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "train.eval_interval", "train.checkpoint_interval", "train.log_interval",
-                     "train.eval_limit", "train.eval_batch_size", "train.on_nonfinite", "train.eval_trajectories", "loggers")
+# What `--resume` lets change (docs/recipes.md#resuming); changing what a run trains is refused.
+# Extending or re-pacing the run: its length, how often it evaluates, logs and checkpoints.
+RESUME_EXTENDS = ("train.steps", "train.epochs", "train.eval_interval", "train.checkpoint_interval", "train.checkpoint_every",
+                  "train.log_interval", "train.eval_limit", "train.eval_trajectories", "train.on_nonfinite",
+                  "train.keep_checkpoints", "train.keep_best", "train.keep_best_mode")
+# Memory and speed, not the training: the micro-batch (gradient accumulation over the same batch),
+# the evaluation batch, CPU threads, the preflight, trackers. A run stopped for memory resumes smaller.
+RESUME_MEMORY = ("train.micro_batch_size", "train.eval_batch_size", "train.threads", "train.activation_checkpointing",
+                 "train.preflight", "loggers")
+RESUME_MAY_CHANGE = RESUME_EXTENDS + RESUME_MEMORY
 _ABSENT = object()
 
 
@@ -264,16 +281,21 @@ def _shown(value) -> str:
 def _dry_run(args, registry, resolved) -> int:
     import tomli_w
 
-    from dis_core.wiring.build import build_components
+    from dis_core.loop import preflight
     from dis_core.outputs.runinfo import recipe_method, static_figures
+    from dis_core.step.devices import launch_world_size
+    from dis_core.step.solver import Solver
 
-    comp = build_components(resolved, registry, args.data_dir)
+    solver = Solver.build(resolved, registry, args.data_dir)
+    comp = solver.components
     figures = static_figures(comp)
     figures["train_examples"] = len(comp.task.dataset("train"))
     figures["test_examples"] = len(comp.task.dataset("test"))
     method = recipe_method(resolved)
+    # What the run would take and whether it fits, as a run reports it before its first step.
+    checked = preflight.plan(resolved, solver, world=launch_world_size())
     if args.json:
-        print(json.dumps({**figures, "method": method, "recipe": resolved.to_dict()}, indent=2))
+        print(json.dumps({**figures, "method": method, "preflight": checked.as_dict(), "recipe": resolved.to_dict()}, indent=2))
         return 0
     print(f"# resolved recipe: {resolved.source}")
     print(tomli_w.dumps(resolved.to_dict()))
@@ -283,6 +305,8 @@ def _dry_run(args, registry, resolved) -> int:
     print(f"{'method':36s} {method['method']} (step_input = {method['step_input']!r})")
     if method["note"]:
         print(f"note: {method['note']}")
+    print("# preflight (per process; a run stops here, exit status 2, when it cannot fit)")
+    print("\n".join(preflight.report(checked)))
     return 0
 
 
@@ -351,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM while training (trainer.Interrupted)
         print(interrupted_message(args, exc), file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)
+    finally:  # the process group's threads end here, not at interpreter exit (SIGABRT): devices.end_processes
+        if "dis_core.step.devices" in sys.modules:  # only commands that load torch start a group
+            sys.modules["dis_core.step.devices"].end_processes()
 
 
 def interrupted_message(args, exc: KeyboardInterrupt) -> str:
@@ -428,12 +455,14 @@ def oom_message(exc: BaseException, resolved) -> str:
     if resolved is None:
         return f"out of memory (tried to allocate {size}); use a smaller batch"
     train, world = resolved.recipe.train, _rank_world()[1]
-    micro = train.global_batch_size // world
+    share = train.global_batch_size // world
+    micro = train.micro_batch_size if isinstance(train.micro_batch_size, int) else share
+    smaller = max((d for d in range(1, micro) if share % d == 0 and d <= micro // 2), default=1)
     eval_batch = train.eval_batch_size or train.global_batch_size
-    smaller = max(world, train.global_batch_size // 2 - (train.global_batch_size // 2) % world)
     return (f"out of memory: tried to allocate {size} with train.global_batch_size = {train.global_batch_size} "
-            f"(a micro-batch of {micro} per process over {world}) and evaluation batches of {eval_batch}. Use a smaller "
-            f"micro-batch: --set train.global_batch_size={smaller} (or more processes), and for evaluation "
+            f"(a micro-batch of {micro} of the {share} slots of each of {world} process(es)) and evaluation batches of "
+            f"{eval_batch}. Use a smaller micro-batch, the same training by gradient accumulation: --set "
+            f"train.micro_batch_size={smaller} (or \"auto\", which measures what fits), and for evaluation "
             f"--set train.eval_batch_size={max(world, eval_batch // 2)}")
 
 

@@ -56,9 +56,15 @@ IGNORED_KEYS = (
     "train.eval_interval",
     "train.checkpoint_interval",
     "train.log_interval",
+    "train.checkpoint_every",
+    "description",
+    # What changes memory and speed but not the training (the keys `--resume` may change too).
     "train.threads",
     "train.eval_batch_size",
-    "description",
+    "train.micro_batch_size",
+    "train.activation_checkpointing",
+    "train.preflight",
+    "loggers",
 )
 # For runs without `headline_metrics` in run.json (written before evaluators declared one): the
 # first of these suffixes found in any run is plotted.

@@ -373,7 +373,7 @@ class Model:
 
             out.mkdir(parents=True, exist_ok=True)
             record = {"checkpoint": str(self.checkpoint), "step": self.step, "weights": self.weights,
-                      "overrides": list(self.overrides), "world_size": dist.world_size(),
+                      "overrides": list(self.overrides), "world_size": dist.world_size(), "precision": self.solver.precision,
                       "wall_time_s": time.perf_counter() - started, "metrics": metrics}
             atomic_write(out / "metrics.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
             if trajectories:
@@ -430,13 +430,28 @@ def _token_rows(puzzles: Sequence[Any], length: int, task: str, offset: int = 0)
     return np.array(rows, dtype=np.int64)
 
 
+def run_precision(run_dir: Path) -> list[str]:
+    """The precision the run trained in (run.json), as a `--set` override: `train.precision =
+    "auto"` resolves by the device (`devices.resolve_precision`), and a run trained in bf16 on one
+    machine is evaluated in bf16 on another, and an fp32 run in fp32. [] when run.json is missing
+    or unreadable (the recipe's own value then applies)."""
+    import json
+
+    try:
+        chosen = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f'train.precision="{chosen}"'] if chosen in ("fp32", "bf16") else []
+
+
 def _build(run_dir: Path, ckpt_dir: Path, saved: dict, registry, overrides: tuple[str, ...], data_dir: Path,
            device: torch.device, weights: str) -> Model:
     from dis_core.wiring.recipe import load_recipe
     from dis_core.step.solver import Solver
 
-    # The run's [[loggers]] are left out: evaluating or predicting reports to no tracker.
-    resolved = load_recipe(run_dir / "recipe.toml", registry, ["loggers=[]", *overrides])
+    # The run's [[loggers]] are left out: evaluating or predicting reports to no tracker. The
+    # run's precision comes first, so that a `--set train.precision=...` still wins.
+    resolved = load_recipe(run_dir / "recipe.toml", registry, ["loggers=[]", *run_precision(run_dir), *overrides])
     solver = Solver.build(resolved, registry, data_dir, device=device)
     return Model(solver=solver, resolved=resolved, registry=registry, saved=saved, run_dir=run_dir, checkpoint=ckpt_dir,
                  data_dir=data_dir, overrides=overrides, weights=weights)

@@ -25,6 +25,8 @@ def add_parsers(sub) -> None:
                     help="also draw N test examples step by step (DIR/trajectories/*.png, index.html)")
     ev.add_argument("--examples", default=None, metavar="CHOICE", help="with --trajectories: which test examples: random "
                     "(default, seed 0), random:SEED, failures, hardest, first or ids:3,17,42")
+    ev.add_argument("--split", choices=("test", "valid"), default="test",
+                    help="the task's split to evaluate: test (default) or valid, the validation split (dis study)")
     ev.add_argument("--limit", type=int, default=None, metavar="K", help="evaluate the first K test examples (default: the recipe's train.eval_limit)")
     ev.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: the run's evaluation batch)")
     ev.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
@@ -72,7 +74,7 @@ def cmd_eval(args) -> int:
         from dis_core.contract.errors import UserError
 
         raise UserError(f"--out {out} is an existing file, not a directory")
-    metrics = model.evaluate(limit=args.limit, out_dir=out, batch_size=args.batch_size)
+    metrics = model.evaluate(model.task.dataset(args.split), limit=args.limit, out_dir=out, batch_size=args.batch_size)
     if args.trajectories and int(os.environ.get("RANK", "0")) == 0:
         trajectories.for_model(model, args.trajectories, out / "trajectories", examples=args.examples)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import sys
 import typing
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 import attrs
 
-from dis_core.wiring.config import structure, unstructure
+from dis_core.wiring.config import converter, structure, unstructure
 from dis_core.contract.errors import RecipeError, UnknownComponentError
 from dis_core.contract.slots import SLOTS, Slot, parts, value_at
 from dis_core.contract.validators import finite, in_range, non_negative, positive, probability
@@ -56,6 +57,63 @@ class Schedule:
 
 MAX_SEED = 2**32 - 1  # the trainer derives generator seeds from it (seed * 1_000_003 + rank must fit 64 bits)
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([smhd]))+")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of "90s", "30m", "2h", "1h30m", "1.5d"; None for "off" (or "0"). ValueError otherwise."""
+    text = text.strip().lower()
+    if text in ("off", "0"):
+        return None
+    if not _DURATION.fullmatch(text):
+        raise ValueError(f'expected a duration such as "90s", "30m", "2h" or "1h30m", or "off", got {text!r}')
+    seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd])", text))
+    if seconds <= 0:
+        raise ValueError(f'a duration must be longer than 0 (use "off" to turn it off), got {text!r}')
+    return seconds
+
+
+Duration = typing.NewType("Duration", str)  # "30m": a string, so that a bare number is not taken for seconds or minutes
+
+
+def _structure_duration(value: Any, _type: type) -> str:
+    if not isinstance(value, str):
+        seconds = f' (in seconds: "{value}s")' if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        raise TypeError(f'expected a duration string such as "30m"{seconds}, got {type(value).__name__} {value!r}')
+    return value
+
+
+converter.register_structure_hook(Duration, _structure_duration)
+
+
+def _duration(_inst, attr, value) -> None:
+    try:
+        parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(f"{attr.name}: {exc}") from None
+
+
+# int, "auto" or None: cattrs cannot structure that union by itself, so the one converter learns it
+# here, as strictly as its other hooks (a quoted number or another word is an error).
+MicroBatch = int | Literal["auto"] | None
+
+
+def _structure_micro_batch(value: Any, _type: type) -> Any:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'expected an integer or "auto", got {type(value).__name__} {value!r}')
+    return value
+
+
+converter.register_structure_hook(MicroBatch, _structure_micro_batch)
+
+
+def _micro_batch(inst, attr, value) -> None:
+    if value != "auto":
+        positive(inst, attr, value)
+
 
 @attrs.frozen(kw_only=True)
 class Train:
@@ -65,6 +123,9 @@ class Train:
     epochs: float | None = attrs.field(default=None, validator=positive)  # or: passes over the train split
     eval_interval: int = attrs.field(default=0, validator=non_negative)  # optimizer steps between evaluations; 0 = only at the end
     checkpoint_interval: int = attrs.field(default=0, validator=non_negative)  # optimizer steps between checkpoints; 0 = only at the end
+    # And by wall time ("90s", "30m", "2h", "1h30m"; "off"): a stopped run then never loses more
+    # than this much work, however long its steps. Runs shorter than it never reach it.
+    checkpoint_every: Duration = attrs.field(default="30m", validator=_duration)
     # Retention: keep the newest N complete checkpoints (0 = all), plus, with keep_best, the one
     # whose evaluation at the same step scored best on that metric (e.g. "arc/pass@2"): an
     # arc1_compact checkpoint is ~2 GB, and the final one is not always the best (TRM issue #26).
@@ -82,16 +143,24 @@ class Train:
     # Slots each process runs per forward/backward; the rest of its share of the global batch is
     # gradient accumulation (DeepSpeed's gradient_accumulation_steps). None = all of its share.
     # Changes memory, not the training: the carry, refills and halting are those of the whole batch.
-    micro_batch_size: int | None = attrs.field(default=None, validator=positive)
-    # bf16 = autocast over fp32 weights, optimizer and float64 loss. auto: bf16 on CUDA, fp32 on
-    # CPUs, so that a recipe trains alike on every CPU (bf16 is the faster choice on CPUs with
-    # AVX512-BF16/AMX: docs/results/precision_cpu.md).
+    # "auto": the largest divisor of the share that the preflight finds fits in memory.
+    micro_batch_size: MicroBatch = attrs.field(default=None, validator=_micro_batch)
+    # bf16 = autocast over fp32 weights, optimizer and float64 loss. auto: bf16 where the device has
+    # native bf16 (CUDA; CPUs with AVX512-BF16 or AMX), fp32 elsewhere (docs/results/precision_cpu.md).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Recompute each network call's activations in the backward instead of keeping them: less
+    # memory for deeper recursion or bigger micro-batches, the same losses, one more forward of the
+    # calls with gradient per step (docs/results/throughput_cpu.md). The backbone must support it
+    # (trm, hrm do: an `activation_checkpointing` attribute).
+    activation_checkpointing: bool = False
     # torch.compile the backbone (trm/hrm: their reasoning blocks) with inductor. Off by default: it changes the arithmetic (fused
     # kernels), so fp32 runs are no longer bit-identical to the reference, and compiling takes
     # tens of seconds per shape. Pays most in bf16 on a CPU (docs/results/throughput_cpu.md).
     compile: bool = False
     threads: int | None = attrs.field(default=None, validator=positive)  # torch intra-op threads on CPU
+    # Measure memory and time with a probe step before training, stop (exit 2) if the run cannot
+    # fit, choose an "auto" micro-batch (dis_core/loop/preflight.py). A few seconds at most.
+    preflight: bool = True
     grad_clip: float = attrs.field(default=0.0, validator=non_negative)  # 0 = off (the reference does not clip)
     # A non-finite loss or gradient norm: "stop" the run (exit status 3, the newest checkpoint is
     # the last good one) or "skip" the update and its batch (see dis_core/loop/guards.py).
@@ -107,6 +176,8 @@ class Train:
     def __attrs_post_init__(self):
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.steps and train.epochs")
+        if self.micro_batch_size == "auto" and not self.preflight:
+            raise ValueError('train.micro_batch_size = "auto" needs train.preflight = true: the preflight measures what fits')
 
 
 @attrs.frozen(kw_only=True)
@@ -134,6 +205,9 @@ class Eval:
     readout: Literal["step", "cycle"] = "step"
     # diagnostics/advantage_margin@s and margin_positive@s (paper Prop. 4.1) at every evaluation.
     margin: bool = True
+    # The split the evaluations during training read: "valid" (held out of training, not the test
+    # split) lets a study select points and checkpoints without reading the test split (dis study).
+    split: Literal["test", "valid"] = "test"
 
 
 @attrs.frozen(kw_only=True)
@@ -459,8 +533,9 @@ def _run_problems(recipe) -> list[str]:
     from dis_core.wiring.deepspeed_table import deepspeed_problems  # imports torch, loaded by the plugins already
 
     train = recipe.train
+    micro = None if train.micro_batch_size == "auto" else train.micro_batch_size  # "auto" divides the share by construction
     return deepspeed_problems(recipe.deepspeed, global_batch=train.global_batch_size,
-                              micro_batch=train.micro_batch_size, grad_clip=train.grad_clip)
+                              micro_batch=micro, grad_clip=train.grad_clip)
 
 
 def _absolute_paths(obj: Any, at: tuple, base: Path, origins: Origins) -> Any:

@@ -29,7 +29,9 @@ COMMAND_LINE = "__dis_plugin_flag__"  # set on a module loaded by --plugin: the 
 
 def plugin_label(pm, plugin: object) -> str:
     name = pm.get_name(plugin)
-    return name or getattr(plugin, "__name__", repr(plugin))
+    if name and name != str(id(plugin)):  # pluggy names an unnamed plugin object by its id()
+        return name
+    return getattr(plugin, "__name__", None) or type(plugin).__name__
 
 
 def plugin_version(pm, plugin: object) -> str | None:

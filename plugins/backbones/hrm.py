@@ -17,8 +17,8 @@ from torch import nn
 from dis_core import hookimpl
 from dis_core.contract.validators import positive
 from dis_plugins.backbones.layers import (
-    Block, InputEmbedding, Linear, Reasoner, Rotary, answer_logits, block_flops, check_shape_config, halting_logits,
-    prefix_length, q_head, start_state, start_vector,
+    Block, InputEmbedding, Linear, Reasoner, Rotary, answer_logits, block_flops, call, check_shape_config,
+    halting_logits, prefix_length, q_head, start_state, start_vector,
 )
 
 
@@ -71,6 +71,9 @@ class HRM(nn.Module):
         # Start states of y (reference z_H) and z (z_L): fixed random vectors, saved, never trained.
         self.register_buffer("H_init", start_vector(D))
         self.register_buffer("L_init", start_vector(D))
+        # train.activation_checkpointing (the Solver sets it): the final L- and H-call keep only
+        # their inputs and are recomputed in the backward.
+        self.activation_checkpointing = False
 
     def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(y_0, z_0), each (B, S, D)."""
@@ -111,8 +114,8 @@ class HRM(nn.Module):
                     y = self.H(y, z)
         # One-step gradient: the final L- and H-update.
         y_before = y
-        z = self.L(z, y + x)
-        y = self.H(y, z)
+        z = call(self.L, z, y + x, recompute=self.activation_checkpointing)
+        y = call(self.H, y, z, recompute=self.activation_checkpointing)
         return y_before, y, z
 
     # Readouts for guidance and the Advantage Margin (see `trm`), at evaluation only.

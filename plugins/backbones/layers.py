@@ -9,6 +9,7 @@ TRM attention, SwiGLU, RMSNorm and RoPE as they are (docs/hooks.md, "register_ba
   SwiGLU, swiglu_size                    the MLP, sized to a multiple of 256
   Block                                  post-norm: h = rms(h + attn(h)); h = rms(h + SwiGLU(h))
   Reasoner                               a stack of blocks with input injection: blocks(h + inj)
+  call                                   net(h, inj), recomputed in the backward when asked (activation checkpointing)
   InputEmbedding                         f_I: tokens, puzzle prefix, step embedding, positions, x sqrt(D)
   answer_logits, q_head, halting_logits  the output heads f_O and q
   start_vector, start_state              fixed random start states (TRM's H_init, L_init)
@@ -31,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "Attention", "Block", "Embedding", "InputEmbedding", "Linear", "Reasoner", "Rotary", "SwiGLU", "answer_logits",
-    "apply_rotary", "attend", "block_flops", "check_shape_config", "halting_logits", "prefix_length", "q_head", "rms_norm",
+    "apply_rotary", "attend", "block_flops", "call", "check_shape_config", "halting_logits", "prefix_length", "q_head", "rms_norm",
     "start_state", "start_vector", "swiglu_size", "trunc_normal_",
 ]
 
@@ -231,6 +233,17 @@ class Reasoner(nn.Module):
         for block in self.blocks:
             h = block(h, rotary)
         return h
+
+
+def call(net: nn.Module, h: torch.Tensor, inj: torch.Tensor, *, recompute: bool = False) -> torch.Tensor:
+    """net(h, inj). With `recompute` (`train.activation_checkpointing`) and gradient on, the call
+    keeps only its inputs for the backward and runs again there to get its activations back
+    (torch.utils.checkpoint, non-reentrant: the same kernels on the same inputs under the same
+    autocast, so the same gradients bit for bit). The memory of a call's inputs instead of every
+    block's intermediates; one more forward of the call. Without gradient there is nothing to keep."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(net, h, inj, use_reentrant=False)
+    return net(h, inj)
 
 
 class InputEmbedding(nn.Module):

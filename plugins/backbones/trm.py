@@ -19,8 +19,8 @@ from torch import nn
 from dis_core import hookimpl
 from dis_core.contract.validators import positive
 from dis_plugins.backbones.layers import (
-    Block, InputEmbedding, Linear, Reasoner, Rotary, answer_logits, block_flops, check_shape_config, halting_logits,
-    prefix_length, q_head, start_state, start_vector,
+    Block, InputEmbedding, Linear, Reasoner, Rotary, answer_logits, block_flops, call, check_shape_config,
+    halting_logits, prefix_length, q_head, start_state, start_vector,
 )
 
 
@@ -77,6 +77,9 @@ class TRM(nn.Module):
         # Start states of y (reference z_H) and z (z_L): fixed random vectors, saved, never trained.
         self.register_buffer("H_init", start_vector(D))
         self.register_buffer("L_init", start_vector(D))
+        # train.activation_checkpointing (the Solver sets it): the last cycle's n + 1 calls keep
+        # only their inputs and are recomputed in the backward.
+        self.activation_checkpointing = False
 
     def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(y_0, z_0), each (B, S, D)."""
@@ -100,9 +103,10 @@ class TRM(nn.Module):
 
     def _cycle(self, y: torch.Tensor, z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         yx = y + x  # the z-updates' injection does not change within a cycle
+        recompute = self.activation_checkpointing
         for _ in range(self.n):
-            z = self.net(z, yx)
-        y = self.net(y, z)
+            z = call(self.net, z, yx, recompute=recompute)
+        y = call(self.net, y, z, recompute=recompute)
         return y, z
 
     def _reason(self, state, tokens, step, puzzle_emb):

@@ -3,6 +3,9 @@
 A bank is a dict of numpy arrays. It is stored as `<data_dir>/<task>/<split>-<tag>-<digest>.npz`,
 where the digest covers everything that determines its content, and written through a temporary
 file and a rename, so ranks building the same bank at once never see a half-written file.
+
+Also the split rules both tasks share: the splits "train", "test" and "valid", a generator seed
+per split, and the validation split of imported data (a `valid_fraction` carve-out, or an error).
 """
 
 from __future__ import annotations
@@ -68,18 +71,49 @@ def _check_cache_path(data_dir: Path, path: Path) -> None:
         raise UserError(f"{path} is a directory, but dis keeps a prepared data file there; remove it (or pass another --data-dir)")
 
 
+SPLITS = ("train", "test", "valid")
+
+
 def memoised_split(banks: dict[str, Bank], task: str, split: str, load: Callable[[str], Bank]) -> Bank:
-    """`banks[split]`, loading it on first use; a split other than train/test is a user error."""
-    if split not in ("train", "test"):
-        raise UserError(f"task {task} has the splits 'train' and 'test', not {split!r}")
+    """`banks[split]`, loading it on first use; a split other than train/test/valid is a user error."""
+    if split not in SPLITS:
+        raise UserError(f"task {task} has the splits 'train', 'test' and 'valid', not {split!r}")
     if split not in banks:
         banks[split] = load(split)
     return banks[split]
 
 
 def split_seed(seed: int, split: str) -> int:
-    """Independent generator seeds for the train and test banks of one data seed."""
-    return int(np.random.SeedSequence([seed, 0 if split == "train" else 1]).generate_state(1)[0])
+    """Independent generator seeds for the train, test and valid banks of one data seed."""
+    return int(np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(1)[0])
+
+
+def questions_digest(*banks: Bank) -> str:
+    """A digest of the banks' questions: what a validation bank generated to avoid them depends on."""
+    h = hashlib.sha1()
+    for bank in banks:
+        h.update(np.ascontiguousarray(bank["question"]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def held_out(count: int, fraction: float, seed: int, task: str) -> np.ndarray:
+    """(count,) bool: the imported training puzzles held out as the validation split
+    (`valid_fraction` of them, at least one, chosen by the data seed)."""
+    k = max(1, round(fraction * count))
+    if k >= count:
+        raise UserError(f"task {task}: valid_fraction {fraction} holds out {k} of the {count} training puzzles, "
+                        f"leaving none to train on; lower it")
+    mask = np.zeros(count, dtype=bool)
+    mask[np.random.default_rng([seed, SPLITS.index("valid")]).choice(count, k, replace=False)] = True
+    return mask
+
+
+def no_valid_split(task: str) -> UserError:
+    """The error for a validation split asked of imported data without `valid_fraction`."""
+    return UserError(
+        f"task {task} has no validation split: its training puzzles come from csv_train, which has none; set "
+        f"task.config.valid_fraction (e.g. 0.1) to hold that share of them out of training as the 'valid' split"
+    )
 
 
 @contextlib.contextmanager

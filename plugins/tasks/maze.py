@@ -9,6 +9,10 @@ Encoding as the reference: the characters "# SGo" are tokens 1..5 (wall, open, s
 path), V = 6, L = rows * cols, every cell supervised, puzzle id 0. The label is the question
 with the shortest path's open cells marked 'o' (S and G keep their tokens).
 
+Splits "train", "test" and "valid". The validation split is generated from its own seed with
+none of its mazes in train or test; with imported data it is the `valid_fraction` of csv_train
+held out of training (without it, asking for "valid" is an error). Never augmented.
+
 The evaluator counts a prediction as a valid path when it changes only open cells, marks them
 'o' or leaves them open, and the 'o' cells join S to G in exactly the shortest distance: any
 shortest path is accepted, a longer one is not. Exact accuracy compares with the label.
@@ -28,8 +32,8 @@ from dis_core.contract.errors import CapabilityError, DataError, UserError
 from dis_core.contract.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.contract.metrics import Tally
 from dis_core.contract.reveal import ranked_reveal
-from dis_core.contract.validators import positive
-from dis_plugins.tasks.bank_cache import cached_bank, memoised_split, split_seed
+from dis_core.contract.validators import in_range, positive
+from dis_plugins.tasks.bank_cache import cached_bank, held_out, memoised_split, no_valid_split, questions_digest, split_seed
 from dis_plugins.tasks.maze_puzzles import CHARSET, GOAL, OPEN, PATH, START, WALL, generate_bank, read_csv
 
 log = structlog.get_logger()
@@ -78,12 +82,18 @@ class MazeConfig:
     cols: int = 30
     num_train: int = attrs.field(default=1000, validator=positive)  # Maze-Hard has 1000 train and 1000 test mazes
     num_test: int = attrs.field(default=1000, validator=positive)
+    # The validation split (`eval.split = "valid"`, `dis study`): generated from its own seed, none
+    # of its mazes in train or test, never augmented. None = num_test mazes.
+    num_valid: int | None = attrs.field(default=None, validator=positive)
     min_path_length: int = 110  # shortest S->G distance in moves; long paths make mazes hard
     loop_fraction: float = 0.05  # share of the tree maze's inner walls removed, making alternative routes
     unique_path: bool = True  # keep only mazes with one shortest path, so exact match is fair
     augment: bool = False  # train: all dihedral variants (8 square, 4 otherwise); reference default off
     csv_train: Path | None = None  # Maze-Hard CSV to import instead of generating (relative to the recipe)
     csv_test: Path | None = None
+    # With csv_train: the share of its mazes held out of training as the validation split. 0 =
+    # none (the CSV has no validation split; asking for one is an error). Generated data: unused.
+    valid_fraction: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0, high_open=True))
     seed: int = 0  # data seed, apart from the run seed
     cache: bool = True  # keep generated sets under data_dir/maze, keyed by this config
 
@@ -115,7 +125,11 @@ class MazeTask:
             raise UserError(f"task maze: rows and cols must be at least 3 (got {config.rows}x{config.cols})")
         if not 0.0 <= config.loop_fraction <= 1.0:
             raise UserError(f"task maze: loop_fraction must be in [0, 1] (got {config.loop_fraction})")
+        if config.valid_fraction and not config.csv_train:
+            raise UserError("task maze: valid_fraction holds out imported training mazes (csv_train); generated "
+                            "data has a validation bank of its own (num_valid)")
         self.config, self.data_dir = config, Path(data_dir)
+        self._imported: dict | None = None
         self.spec = TaskSpec(vocab_size=len(CHARSET) + 1, seq_len=config.rows * config.cols, num_puzzle_ids=1,
                              pad_id=0, grid_shape=(config.rows, config.cols))
         self._banks: dict[str, dict] = {}
@@ -126,16 +140,34 @@ class MazeTask:
 
     def _load(self, split: str) -> dict:
         c = self.config
-        path = c.csv_train if split == "train" else c.csv_test
-        if path:
-            return read_csv(path, c.rows, c.cols, f"csv_{split}")
-        count = c.num_train if split == "train" else c.num_test
-        exclude = set()
-        if split == "test" and not c.csv_train:
-            exclude = {bytes(q) for q in self.bank("train")["question"]}
-        key = [_CACHE_VERSION, split, c.rows, c.cols, count, c.seed, c.min_path_length, c.loop_fraction, c.unique_path]
-        if exclude:
-            key.append(c.num_train)
+        if c.csv_train and split != "test":
+            if self._imported is None:
+                self._imported = read_csv(c.csv_train, c.rows, c.cols, "csv_train")
+            bank = self._imported
+            if not c.valid_fraction:
+                if split == "valid":
+                    raise no_valid_split("maze")
+                return bank
+            valid = held_out(len(bank["question"]), c.valid_fraction, c.seed, "maze")
+            return {k: v[valid if split == "valid" else ~valid] for k, v in bank.items()}
+        if split == "test" and c.csv_test:
+            return read_csv(c.csv_test, c.rows, c.cols, "csv_test")
+        if split == "valid":
+            # Its own seed, and none of its mazes in train or test (built first: validation is
+            # built only when asked for, and never changes them).
+            count = c.num_valid or c.num_test
+            seen = (self.bank("train"), self.bank("test"))
+            exclude = {bytes(q) for bank in seen for q in bank["question"]}
+            key = [_CACHE_VERSION, split, c.rows, c.cols, count, c.seed, c.min_path_length, c.loop_fraction,
+                   c.unique_path, questions_digest(*seen)]
+        else:
+            count = c.num_train if split == "train" else c.num_test
+            exclude = set()
+            if split == "test" and not c.csv_train:
+                exclude = {bytes(q) for q in self.bank("train")["question"]}
+            key = [_CACHE_VERSION, split, c.rows, c.cols, count, c.seed, c.min_path_length, c.loop_fraction, c.unique_path]
+            if exclude:
+                key.append(c.num_train)
 
         def make() -> dict:
             bank, rate = generate_bank(c.rows, c.cols, count, split_seed(c.seed, split), c.min_path_length,

@@ -7,7 +7,8 @@ Tokens: PAD 0 (unused), 1 empty, 2 queen; every cell is supervised; puzzle ids a
 
 Puzzles are generated once per split at first use (seeded, no files) and then indexed, so
 `get` is a pure function of the indices; the dihedral augmentation is a gather by a fixed
-permutation of the cells.
+permutation of the cells. Splits "train", "test" and "valid" (validation: its own seed, none of its
+questions among the training examples or the test split, never augmented).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dis_core.contract.validators import in_range, non_negative, positive
 
 PAD, EMPTY, QUEEN = 0, 1, 2
 TEST_SEED_OFFSET = 1000  # the reference seeds train 42 and test 1042
+VALID_SEED_OFFSET = 2000  # the validation split (not in the reference): seed 2042 by default
 
 
 @attrs.frozen(kw_only=True)
@@ -36,6 +38,11 @@ class NQueensConfig:
     board_size: int = attrs.field(default=8, validator=in_range(4, 20))
     num_train: int = attrs.field(default=800, validator=positive)  # puzzles before augmentation
     num_test: int = attrs.field(default=200, validator=positive)
+    # The validation split (`eval.split = "valid"`, `dis study`), from seed + 2000: no question in
+    # it is a question of the training examples (augmented ones included) or of the test split, so
+    # the boards with 0 or 1 given queens, whose few questions training holds, hardly occur in it.
+    # Never augmented. None = num_test puzzles.
+    num_valid: int | None = attrs.field(default=None, validator=positive)
     min_given: int = attrs.field(default=0, validator=non_negative)
     max_given: int | None = None  # None: board_size - 1, so at least one queen is left to place
     # Train = each puzzle as generated + its 8 dihedral transforms (9 variants, 800 -> 7200).
@@ -77,18 +84,29 @@ def random_solution(n: int, rng: np.random.Generator) -> np.ndarray:
     return cols
 
 
-def generate(n: int, count: int, seed: int, given_range: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, labels), each (count, n*n) uint8. Puzzle i depends only on (seed, i), so growing
-    `count` keeps the earlier puzzles."""
+def generate(n: int, count: int, seed: int, given_range: tuple[int, int],
+             exclude: set[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels), each (count, n*n) uint8. Candidate i depends only on (seed, i), so growing
+    `count` keeps the earlier puzzles. With `exclude`, a candidate whose question (its input
+    row's bytes) is in it is skipped."""
     inputs = np.full((count, n * n), EMPTY, dtype=np.uint8)
     labels = np.full((count, n * n), EMPTY, dtype=np.uint8)
     rows = np.arange(n)
-    for i in range(count):
-        rng = np.random.default_rng((seed, i))
+    i, candidate = 0, 0
+    while i < count:
+        if exclude and candidate >= 100 * count + 1000:
+            raise UserError(f"task nqueens: only {i} of {count} puzzles whose question is not in train or test after "
+                            f"{candidate} tries; lower num_valid or widen the given range")
+        rng = np.random.default_rng((seed, candidate))
+        candidate += 1
         cols = random_solution(n, rng)
-        labels[i, rows * n + cols] = QUEEN
         kept = rng.choice(n, size=rng.integers(given_range[0], given_range[1] + 1), replace=False)
         inputs[i, kept * n + cols[kept]] = QUEEN
+        if exclude and bytes(inputs[i]) in exclude:
+            inputs[i] = EMPTY
+            continue
+        labels[i, rows * n + cols] = QUEEN
+        i += 1
     return inputs, labels
 
 
@@ -163,15 +181,21 @@ class NQueensTask:
         self._splits: dict[str, NQueensSplit] = {}
 
     def dataset(self, split: str) -> NQueensSplit:
-        if split not in ("train", "test"):
-            raise UserError(f"task nqueens has splits 'train' and 'test', not {split!r}")
+        if split not in ("train", "test", "valid"):
+            raise UserError(f"task nqueens has the splits 'train', 'test' and 'valid', not {split!r}")
         if split not in self._splits:
             cfg, n = self.config, self.config.board_size
             train = split == "train"
-            inputs, labels = generate(
-                n, cfg.num_train if train else cfg.num_test,
-                cfg.seed if train else cfg.seed + TEST_SEED_OFFSET, cfg.given_range,
-            )
+            if split == "valid":  # after train and test, which it avoids and never changes
+                seen = [self.dataset(s) for s in ("train", "test")]
+                exclude = {bytes(q) for ds in seen for q in ds.get(np.arange(len(ds)))["inputs"].astype(np.uint8)}
+                inputs, labels = generate(n, cfg.num_valid or cfg.num_test, cfg.seed + VALID_SEED_OFFSET, cfg.given_range,
+                                          exclude)
+            else:
+                inputs, labels = generate(
+                    n, cfg.num_train if train else cfg.num_test,
+                    cfg.seed if train else cfg.seed + TEST_SEED_OFFSET, cfg.given_range,
+                )
             perms = dihedral_perms(n)
             if train and cfg.augment:
                 # The reference stores the original and then all 8 dihedral images, whose first

@@ -7,6 +7,10 @@ by rejection) or from the Sudoku-Extreme CSV layout (docs/reference.md#sudoku-ex
 Encoding as the reference: token = digit + 1 (blank 1, digits 2..n+1), V = n + 2, L = n * n,
 every cell supervised, puzzle id 0. Train examples are `num_augmentations + 1` variants of each
 puzzle (variant 0 unchanged), each a pure function of its index.
+
+Splits "train", "test" and "valid". The validation split is generated from its own seed with
+none of its puzzles in train or test; with imported data it is the `valid_fraction` of csv_train
+held out of training (without it, asking for "valid" is an error). Never augmented.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from dis_core.contract.errors import CapabilityError, DataError, UserError
 from dis_core.contract.interfaces import IGNORE, EvalRecord, TaskSpec
 from dis_core.contract.metrics import Tally, final_and_ran
 from dis_core.contract.reveal import ranked_reveal
-from dis_core.contract.validators import positive
-from dis_plugins.tasks.bank_cache import cached_bank, memoised_split, split_seed
+from dis_core.contract.validators import in_range, positive
+from dis_plugins.tasks.bank_cache import cached_bank, held_out, memoised_split, no_valid_split, questions_digest, split_seed
 from dis_plugins.tasks.sudoku_puzzles import Geometry, generate_bank, rank_of, read_csv, solve, valid_grids
 
 log = structlog.get_logger()
@@ -78,11 +82,17 @@ class SudokuConfig:
     box_cols: int = 0
     num_train: int = attrs.field(default=1000, validator=positive)  # generated puzzles per split, before augmentation
     num_test: int = attrs.field(default=1000, validator=positive)
+    # The validation split (`eval.split = "valid"`, `dis study`): generated from its own seed, none
+    # of its puzzles in train or test, never augmented. None = num_test puzzles.
+    num_valid: int | None = attrs.field(default=None, validator=positive)
     min_difficulty: int = 0  # generated: dead ends of the full search; CSV: the rating column
     num_augmentations: int = 1000  # train variants per puzzle (the reference's 1000-puzzle build)
     csv_train: Path | None = None  # Sudoku-Extreme CSV to import instead of generating (relative to the recipe)
     csv_test: Path | None = None
     subsample_size: int = 0  # train CSV rows kept (random, without replacement); 0 = all
+    # With csv_train: the share of its puzzles held out of training as the validation split. 0 =
+    # none (the CSV has no validation split; asking for one is an error). Generated data: unused.
+    valid_fraction: float = attrs.field(default=0.0, validator=in_range(0.0, 1.0, high_open=True))
     seed: int = 0  # data seed, apart from the run seed so every run sees the same puzzles
     cache: bool = True  # keep generated sets under data_dir/sudoku, keyed by this config
 
@@ -146,29 +156,56 @@ class SudokuTask:
             raise UserError(f"task sudoku: size {size} has no boxes of at least 2x2 (use 4, 6, 8, 9, ...)")
         n = self.geo.n
         self.spec = TaskSpec(vocab_size=n + 2, seq_len=n * n, num_puzzle_ids=1, pad_id=0, grid_shape=(n, n))
+        if config.valid_fraction and not config.csv_train:
+            raise UserError("task sudoku: valid_fraction holds out imported training puzzles (csv_train); generated "
+                            "data has a validation bank of its own (num_valid)")
         self._banks: dict[str, dict] = {}
         self._datasets: dict[str, SudokuDataset] = {}
+        self._imported: dict | None = None
 
     def bank(self, split: str) -> dict:
         return memoised_split(self._banks, "sudoku", split, self._load)
 
-    def _load(self, split: str) -> dict:
-        c = self.config
-        path = c.csv_train if split == "train" else c.csv_test
-        if path:
-            bank = read_csv(path, self.geo, c.min_difficulty, f"csv_{split}")
-            if split == "train" and 0 < c.subsample_size < len(bank["question"]):
+    def _csv_train(self) -> dict:
+        """csv_train as imported (and subsampled), before any puzzle is held out for validation."""
+        if self._imported is None:
+            c = self.config
+            bank = read_csv(c.csv_train, self.geo, c.min_difficulty, "csv_train")
+            if 0 < c.subsample_size < len(bank["question"]):
                 keep = np.sort(np.random.default_rng(c.seed).choice(len(bank["question"]), c.subsample_size, replace=False))
                 bank = {k: v[keep] for k, v in bank.items()}
-            return bank
-        count = c.num_train if split == "train" else c.num_test
-        # Test puzzles must not repeat train ones (it matters on 4x4 boards).
-        exclude = set()
-        if split == "test" and not c.csv_train:
-            exclude = {bytes(row) for row in self.bank("train")["question"]}
-        key = [_CACHE_VERSION, split, self.geo.box_rows, self.geo.box_cols, count, c.seed, c.min_difficulty]
-        if exclude:
-            key.append(c.num_train)
+            self._imported = bank
+        return self._imported
+
+    def _load(self, split: str) -> dict:
+        c = self.config
+        if c.csv_train and split != "test":
+            bank = self._csv_train()
+            if not c.valid_fraction:
+                if split == "valid":
+                    raise no_valid_split("sudoku")
+                return bank
+            valid = held_out(len(bank["question"]), c.valid_fraction, c.seed, "sudoku")
+            return {k: v[valid if split == "valid" else ~valid] for k, v in bank.items()}
+        if split == "test" and c.csv_test:
+            return read_csv(c.csv_test, self.geo, c.min_difficulty, "csv_test")
+        if split == "valid":
+            # Its own seed, and none of its puzzles in train or test (built first: validation is
+            # built only when asked for, and never changes them).
+            count = c.num_valid or c.num_test
+            seen = (self.bank("train"), self.bank("test"))
+            exclude = {bytes(row) for bank in seen for row in bank["question"]}
+            key = [_CACHE_VERSION, split, self.geo.box_rows, self.geo.box_cols, count, c.seed, c.min_difficulty,
+                   questions_digest(*seen)]
+        else:
+            count = c.num_train if split == "train" else c.num_test
+            # Test puzzles must not repeat train ones (it matters on 4x4 boards).
+            exclude = set()
+            if split == "test" and not c.csv_train:
+                exclude = {bytes(row) for row in self.bank("train")["question"]}
+            key = [_CACHE_VERSION, split, self.geo.box_rows, self.geo.box_cols, count, c.seed, c.min_difficulty]
+            if exclude:
+                key.append(c.num_train)
 
         def make() -> dict:
             bank, rate = generate_bank(self.geo, count, split_seed(c.seed, split), c.min_difficulty, exclude)

@@ -77,6 +77,13 @@ class ArcTask:
         log.info("arc task ready", puzzle_ids=num_ids, test_puzzles=len(self.test_puzzles), seconds=round(time.perf_counter() - start, 2))
 
     def dataset(self, split: str):
+        if split == "valid":
+            # Its held-out pairs are the test subset's, and its demonstrations are trained on
+            # (test-time training): no share of the data is left that is in neither.
+            raise UserError(
+                "task arc has no validation split: its held-out pairs are those of the test subset. Leave "
+                "eval.split = \"test\", or select on a subset of your own: a recipe whose task.config.test_subset "
+                "names it (with strict_split = true), keeping the real test subset for the final evaluation")
         if split not in ("train", "test"):
             raise UserError(f"the arc task has splits 'train' and 'test', not {split!r}")
         if split not in self._splits:
