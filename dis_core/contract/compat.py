@@ -25,7 +25,7 @@ import attrs
 
 from dis_core.contract.errors import DisContractWarning
 
-CONTRACT_VERSION = "1.4"
+CONTRACT_VERSION = "1.5"
 """The plugin contract dis implements: MAJOR.MINOR; see CHANGELOG.md for each version's changes."""
 
 _UNSET = object()

@@ -50,8 +50,9 @@ class Trainer:
     """Trains `solver` (default: the one `resolved` builds) into the run directory `out`."""
 
     def __init__(self, resolved: ResolvedRecipe, registry, out: Path, *, data_dir: Path | None = None, resume: bool = False,
-                 command: str = "", solver: Solver | None = None):
+                 command: str = "", solver: Solver | None = None, max_wall_s: float | None = None):
         self.resolved, self.recipe, self.command = resolved, resolved.recipe, command
+        self.max_wall_s = max_wall_s  # a budget of training wall time (the ledger's, so it spans resumes); None = none
         self.train_cfg = cfg = self.recipe.train
         device = solver.device if solver is not None else dist.pick_device()
         dist.init_distributed(device)
@@ -211,7 +212,7 @@ class Trainer:
         every, last_ckpt_time = parse_duration(cfg.checkpoint_every), pace.now()
         with progress(self.total_steps, "train", rank=self.rank, unit="step", initial=s.step) as bar:
             bar.eta_s = self.pace.eta
-            while s.step < self.total_steps:
+            while s.step < self.total_steps and not self._out_of_time():
                 self.train_step()
                 session_steps += 1
                 s.ledger.wall_time_s = time.perf_counter() - start_time
@@ -245,6 +246,16 @@ class Trainer:
         summary = {"step": s.step, **final, **self._cost(), "params": count_params(self.solver.backbone)}
         self.run.write_json("summary.json", summary)
         return summary
+
+    def _out_of_time(self) -> bool:
+        """Whether the wall-time budget (`max_wall_s`) is spent; then the run ends as at its last
+        step (evaluation, checkpoint). With several processes a collective, as `_checkpoint_due`."""
+        if self.max_wall_s is None:
+            return False
+        spent = self.state.ledger.wall_time_s >= self.max_wall_s
+        if self.world == 1:
+            return spent
+        return dist.all_reduce_sum(torch.tensor([1.0 if spent else 0.0], device=self.solver.device)).item() > 0
 
     def _checkpoint_due(self, every: float | None, since: float) -> bool:
         """Whether `train.checkpoint_every` has passed since the last checkpoint; with several

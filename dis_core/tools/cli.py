@@ -57,6 +57,9 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="build everything, print the resolved recipe and costs, do not train")
     run.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
     run.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
+    run.add_argument("--init-from", type=Path, default=None, metavar="RUN_DIR|CHECKPOINT",
+                     help="start from these weights (a dis run, checkpoint or portable folder, or an official step_N): fine-tuning; "
+                          "a puzzle table of another size starts from the mean row (docs/checkpoints.md)")
     run.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
     plugins = sub.add_parser("plugins", help="list installed components and the plugins providing them")
@@ -101,10 +104,18 @@ def make_parser() -> argparse.ArgumentParser:
 
     inference_cli.add_parsers(sub)
     COMMANDS.update(inference_cli.COMMANDS)
+    from dis_core.tools import adapt  # `dis adapt` (issue 23); cheap to import
+
+    adapt.add_parsers(sub)
+    COMMANDS.update(adapt.COMMANDS)
     from dis_core.tools import study  # `dis study` (issue 21); cheap to import
 
     study.add_parsers(sub)
     COMMANDS.update(study.COMMANDS)
+    from dis_core.tools import checkpoint_io  # `dis import` / `dis export` (issue 20); cheap to import
+
+    checkpoint_io.add_parsers(sub)
+    COMMANDS.update(checkpoint_io.COMMANDS)
     return parser
 
 
@@ -213,7 +224,16 @@ def _train(args, registry, resolved, out: Path) -> int:
 
     if args.resume:
         _check_resume_recipe(out, resolved)
-    trainer = Trainer(resolved, registry, out, data_dir=args.data_dir, resume=args.resume, command=" ".join(sys.argv))
+    solver = None
+    if getattr(args, "init_from", None) is not None and not args.resume:  # a resumed run has its own weights
+        from dis_core.loop import engine as dist
+        from dis_core.step.solver import Solver
+        from dis_core.tools.checkpoint_io import init_weights
+
+        solver = Solver.build(resolved, registry, args.data_dir, device=dist.pick_device())
+        print(json.dumps(init_weights(solver, args.init_from)), file=sys.stderr)
+    trainer = Trainer(resolved, registry, out, data_dir=args.data_dir, resume=args.resume, command=" ".join(sys.argv),
+                      solver=solver)
     summary = trainer.fit(registry)
     if _rank_world()[0] == 0:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if not is_per_step(k)}

@@ -44,6 +44,7 @@ from dis_core.step.supervision import Rollout
 log = structlog.get_logger()
 MODEL_FILE = "mp_rank_00_model_states.pt"
 EMA_FILE = "ema_weights.pt"
+PORTABLE_FILE = "model.safetensors"  # a portable folder's weights (dis_core/tools/checkpoint_io.py)
 
 
 # ------------------------------------------------------------------ finding the files
@@ -55,6 +56,10 @@ def locate(source: str | Path) -> tuple[Path, Path]:
     path = Path(source)
     if not path.exists():
         raise UserError(f"{path}: no such run directory or checkpoint")
+    if (path / PORTABLE_FILE).is_file():  # a portable model folder (dis export --format portable)
+        if not (path / "recipe.toml").is_file():
+            raise UserError(f"{path}: holds {PORTABLE_FILE} but no recipe.toml, so the model cannot be rebuilt")
+        return path, path
     if (path / MODEL_FILE).is_file():
         ckpt_dir = path
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -83,6 +88,8 @@ class _Vanished(Exception):
 def read_checkpoint(ckpt_dir: Path) -> dict:
     """{"module": state dict, "ema": state dict or None, "puzzle_emb": state dict or None,
     "step": int}, read without DeepSpeed. Raises `_Vanished` when a file disappears meanwhile."""
+    if (ckpt_dir / PORTABLE_FILE).is_file():
+        return read_portable(ckpt_dir)
     model_file = ckpt_dir / MODEL_FILE
     saved = _torch_load(model_file)
     if not isinstance(saved, dict) or "module" not in saved:
@@ -93,6 +100,24 @@ def read_checkpoint(ckpt_dir: Path) -> dict:
     if "ema" in saved or (ckpt_dir / EMA_FILE).is_file():
         ema = _torch_load(ckpt_dir / EMA_FILE)
     return {"module": saved["module"], "ema": ema, "puzzle_emb": saved.get("puzzle_emb"), "step": saved.get("step")}
+
+
+def read_portable(folder: Path) -> dict:
+    """`read_checkpoint`'s dict for a portable folder: model.safetensors holds `backbone.*` and
+    `puzzle_emb.weights` (written by dis_core/tools/checkpoint_io.py, `dis export --format portable`)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = folder / PORTABLE_FILE
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 -- safetensors raises its own kinds
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
+    module = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
+    puzzle = {"weights": tensors["puzzle_emb.weights"]} if "puzzle_emb.weights" in tensors else None
+    return {"module": module, "ema": None, "puzzle_emb": puzzle, "step": int(meta.get("step", 0))}
 
 
 def _torch_load(path: Path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dis_core import hookimpl
 
+from .adapt_data import ArcAdaptConfig, build_arc_adapt_task
 from .evaluator import ArcEvalConfig, build_arc_evaluator
 from .reference_layout import export_reference_layout
 from .task import ArcConfig, ArcTask, build_arc_task
@@ -21,6 +22,7 @@ __all__ = ["ArcConfig", "ArcTask", "ArcEvalConfig", "export_reference_layout"]
 @hookimpl
 def register_tasks(register):
     register("arc", ArcConfig, build_arc_task)
+    register("arc_adapt", ArcAdaptConfig, build_arc_adapt_task)  # new tasks for `dis adapt`
 
 
 @hookimpl

@@ -1,0 +1,285 @@
+"""Record the official-checkpoint fixtures of tests/test_checkpoint_io.py from the official code.
+
+Each fixture is what a user downloads from a published run, at a tiny size: the official
+dataset builder's output (`data/`: identifiers.json, train/ and test/ .npy files, dataset.json,
+for ARC test_puzzles.json), a checkpoint written as the official `pretrain.py` writes one
+(`step_N`: the state dict of the loss head wrapping the model, under `torch.compile`, so every
+key starts `_orig_mod.model.inner.`) and its `all_config.yaml` (the official PretrainConfig,
+dumped as the official code dumps it). Beside them `official_eval.pt`: what the official
+evaluation gives on the checkpoint (per-example predictions and halting logits in the order of
+the test split, the loss head's metrics and, for ARC, the ARC evaluator's pass@K and its
+submission.json).
+
+The official code runs from checkouts named by environment variables; nothing of it is copied:
+
+    DIS_OFFICIAL_TRM=../TinyRecursiveModels DIS_OFFICIAL_DIS=../Deep-Improvement-Supervision \\
+        python tests/make_official_ckpt.py [--out tests/fixtures/official_ckpt]
+
+Training runs a few steps of the official `train_batch` (so the weights are not at their
+initial values), on CPU in fp32 with one thread. The official modules' unused imports (numba's
+JIT in the ARC evaluator, the Hugging Face download in the Sudoku builder, wandb, ...) are stubbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml  # the real one, imported before the stubs of official.prepare (which answer `yaml` too)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "parity"))
+from official import prepare, use_repo  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures" / "official_ckpt"
+ARC_TASKS = ("Copy/Copy1", "Center/Center1", "AboveBelow/AboveBelow3")  # from dis's bundled ConceptARC corpus
+# Tiny models: D 16, 2 heads, one block, 3 supervision steps; fp32 so CPU results are exact.
+ARCH = dict(hidden_size=16, num_heads=2, expansion=2, H_cycles=2, L_cycles=2, halt_max_steps=3,
+            halt_exploration_prob=0.1, pos_encodings="rope", forward_dtype="float32", mlp_t=False,
+            no_ACT_continue=True, puzzle_emb_ndim=16)
+STEPS = 6  # official optimizer steps before the checkpoint is written
+
+
+def _stub_unused_imports() -> None:
+    prepare()
+    numba = types.ModuleType("numba")
+    numba.njit = lambda f=None, **kw: f if f is not None else (lambda g: g)  # the ARC evaluator's JIT: plain Python
+    sys.modules["numba"] = numba
+    argdantic = types.ModuleType("argdantic")  # the builders' command line: `cli.command(...)` decorates main
+
+    class ArgParser:
+        def command(self, *args, **kwargs):
+            return lambda f: f
+
+    argdantic.ArgParser = ArgParser
+    sys.modules["argdantic"] = argdantic
+
+
+def _sudoku_csv(path: Path, n: int, seed: int) -> None:
+    """n valid 9x9 puzzles (a shuffled base solution, half the cells blanked)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[(r * 3 + r // 3 + c) % 9 for c in range(9)] for r in range(9)])
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["source", "question", "answer", "rating"])
+        for i in range(n):
+            digits = rng.permutation(9) + 1
+            band = np.concatenate([rng.permutation(3) + 3 * b for b in rng.permutation(3)])
+            grid = digits[base[band]]
+            question = grid.copy()
+            question[rng.random((9, 9)) < 0.5] = 0
+            q = "".join("." if d == 0 else str(d) for d in question.flat)
+            w.writerow([f"fixture{i}", q, "".join(str(d) for d in grid.flat), 0])
+
+
+def _build_sudoku(repo: Path, out: Path) -> None:
+    csvs = out / "csv"
+    csvs.mkdir(parents=True, exist_ok=True)
+    _sudoku_csv(csvs / "train.csv", 8, 0)
+    _sudoku_csv(csvs / "test.csv", 6, 1)
+    hub = types.ModuleType("huggingface_hub")
+    hub.hf_hub_download = lambda repo_id, filename, repo_type=None: str(csvs / filename)  # local CSVs, no download
+    sys.modules["huggingface_hub"] = hub
+    sys.path.insert(0, str(repo / "dataset"))  # the builder imports `common` as a top-level module
+    try:
+        use_repo(repo)
+        sys.modules.pop("build_sudoku_dataset", None)
+        import importlib
+
+        builder = importlib.import_module("dataset.build_sudoku_dataset")
+        np.random.seed(0)
+        config = builder.DataProcessConfig(output_dir=str(out / "data"), num_aug=1)
+        for split in ("train", "test"):
+            builder.convert_subset(split, config)
+    finally:
+        sys.path.remove(str(repo / "dataset"))
+
+
+def _build_arc(repo: Path, out: Path) -> None:
+    corpus = ROOT / "plugins" / "tasks" / "arc" / "data" / "conceptarc" / "corpus"
+    src = out / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    tasks = {name.split("/")[1]: json.loads((corpus / f"{name}.json").read_text()) for name in ARC_TASKS}
+    names = list(tasks)
+    # Kaggle layout: one task trained on whole, two held out (their test pairs form the test split).
+    (src / "fx_training_challenges.json").write_text(json.dumps({names[0]: tasks[names[0]]}))
+    held = {n: {"train": tasks[n]["train"], "test": [{"input": p["input"]} for p in tasks[n]["test"]]} for n in names[1:]}
+    (src / "fx_evaluation_challenges.json").write_text(json.dumps(held))
+    (src / "fx_evaluation_solutions.json").write_text(json.dumps({n: [p["output"] for p in tasks[n]["test"]] for n in names[1:]}))
+    use_repo(repo)
+    from dataset import build_arc_dataset as builder
+
+    config = builder.DataProcessConfig(input_file_prefix=str(src / "fx"), output_dir=str(out / "data"),
+                                       subsets=["training", "evaluation"], test_set_name="evaluation", num_aug=3)
+    builder.convert_dataset(config)
+    shutil.rmtree(src)
+
+
+def _official_config(kind: str, arch: dict, data: str, evaluators: list) -> dict:
+    from pretrain import PretrainConfig
+
+    name, loss = {
+        "trm": ("recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1", "losses@ACTLossHead"),
+        "hrm": ("recursive_reasoning.hrm@HierarchicalReasoningModel_ACTV1", "losses@ACTLossHead"),
+    }[kind]
+    return PretrainConfig(
+        arch={"name": name, "loss": {"name": loss, "loss_type": "stablemax_cross_entropy"}, **arch},
+        data_paths=[data], evaluators=evaluators, global_batch_size=4, epochs=1, lr=1e-3, lr_min_ratio=1.0,
+        lr_warmup_steps=2, weight_decay=0.1, beta1=0.9, beta2=0.95, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1,
+        checkpoint_path="checkpoints/fixture", seed=0,
+    )
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch` as the official evaluation loop sees it on CPU: its `torch.device("cuda")` and
+    `torch.zeros(..., device="cuda")` mean the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def device(*args, **kwargs):
+        return torch.device("cpu")
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        kwargs.pop("device", None)
+        return torch.zeros(*args, **kwargs)
+
+
+def _train_and_evaluate(kind: str, repo: Path, out: Path, arch: dict, evaluators: list, save_outputs: list) -> None:
+    use_repo(repo)
+    import pretrain
+    from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
+    from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
+    from utils.functions import load_model_class
+
+    config = pretrain.PretrainConfig(**_official_config(kind, arch, str(out / "data"), evaluators).model_dump())
+    meta = {}
+
+    def loader(split: str, test: bool):
+        ds = PuzzleDataset(PuzzleDatasetConfig(seed=0, dataset_paths=[str(out / "data")], global_batch_size=4,
+                                               test_set_mode=test, epochs_per_iter=4, rank=0, num_replicas=1), split=split)
+        meta[split] = ds.metadata
+        return ds
+
+    train = loader("train", False)
+    torch.manual_seed(0)
+    model_cfg = dict(**config.arch.__pydantic_extra__, batch_size=4, vocab_size=meta["train"].vocab_size,
+                     seq_len=meta["train"].seq_len, num_puzzle_identifiers=meta["train"].num_puzzle_identifiers, causal=False)
+    model = load_model_class(config.arch.loss.name)(load_model_class(config.arch.name)(model_cfg), **config.arch.loss.__pydantic_extra__)
+    sign_sgd = CastedSparseEmbeddingSignSGD_Distributed(model.model.puzzle_emb.buffers(), lr=0, weight_decay=0.1, world_size=1)
+    adamw = torch.optim.AdamW(model.parameters(), lr=0, weight_decay=0.1, betas=(0.9, 0.95))
+    state = pretrain.TrainState(model=model, optimizers=[sign_sgd, adamw], optimizer_lrs=[1e-2, 1e-3], carry=None,
+                                step=0, total_steps=STEPS)
+    model.train()
+    real_torch = pretrain.torch
+    pretrain.torch = _CpuTorch()
+    try:
+        metrics = _train_then_evaluate(pretrain, config, state, train, loader, meta, save_outputs, out)
+    finally:
+        pretrain.torch = real_torch
+    outputs = torch.load(out / "official_eval" / f"step_{state.step}_all_preds.0")
+    _record(metrics, outputs, state, out)
+
+
+def _train_then_evaluate(pretrain, config, state, train, loader, meta, save_outputs, out: Path) -> dict:
+    model = state.model
+    for _, batch, gbs in train:
+        if state.step >= STEPS:
+            break
+        pretrain.train_batch(config, state, batch, gbs, rank=0, world_size=1)
+    # As pretrain.py saves it: the compiled loss head's state dict (keys `_orig_mod.model.inner.*`).
+    saved = {f"_orig_mod.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(saved, out / f"step_{state.step}")
+
+    (out / "all_config.yaml").write_text(yaml.dump(config.model_dump()))
+
+    # The official evaluation, its own `evaluate` (the test split, every example to the last step).
+    test = loader("test", True)
+    config.eval_save_outputs = save_outputs
+    config.checkpoint_path = str(out / "official_eval")
+    (out / "official_eval").mkdir()
+    evs = pretrain.create_evaluators(config, meta["test"])
+    model.eval()
+    return pretrain.evaluate(config, state, test, meta["test"], evs, rank=0, world_size=1, cpu_group=None)
+
+
+def _record(metrics, outputs, state, out: Path) -> None:
+    # Per-set loss-head metrics ({"all": {...}}) beside the evaluators' top-level ones ("ARC/pass@1").
+    flat = {k: ({n: float(x) for n, x in v.items()} if isinstance(v, dict) else float(v)) for k, v in (metrics or {}).items()}
+    # Predictions are tokens < 12: uint8 keeps the fixture small. Padding rows of the last batch
+    # (puzzle identifier 0, the blank) are kept; the tests drop them as the evaluators do.
+    outputs = {k: v.to(torch.uint8) if k == "preds" else v for k, v in outputs.items()}
+    record = {"metrics": flat, "outputs": outputs, "step": state.step}
+    sub = next((out / "official_eval").glob("evaluator_ARC*/submission.json"), None)
+    if sub is not None:
+        record["submission"] = json.loads(sub.read_text())
+    shutil.rmtree(out / "official_eval")
+    torch.save(record, out / "official_eval.pt")
+    # dis evaluates the test split only; the train arrays (the bulk of the bytes) were needed
+    # by the official training above, their dataset.json stays for the metadata.
+    for npy in (out / "data" / "train").glob("*.npy"):
+        npy.unlink()
+
+
+def _init_gloo() -> None:
+    # The ARC evaluator gathers votes with torch.distributed even in a single process.
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def record_all(trm: Path, out: Path = FIXTURES) -> list[Path]:
+    _stub_unused_imports()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    written = []
+    try:
+        _init_gloo()
+        cases = {
+            "trm_sudoku": ("trm", _build_sudoku, dict(ARCH, L_layers=1, H_layers=0, puzzle_emb_len=0), [], ["preds", "q_halt_logits", "puzzle_identifiers"]),
+            "trm_arc": ("trm", _build_arc, dict(ARCH, L_layers=1, H_layers=0, puzzle_emb_len=2, puzzle_emb_ndim=24),
+                        [{"name": "arc@ARC", "pass_Ks": [1, 2, 5]}], ["preds", "q_halt_logits", "puzzle_identifiers"]),
+            "hrm_sudoku": ("hrm", _build_sudoku, dict(ARCH, L_layers=1, H_layers=1), [], ["preds", "q_halt_logits", "puzzle_identifiers"]),
+        }
+        for name, (kind, build, arch, evaluators, keep) in cases.items():
+            where = out / name
+            shutil.rmtree(where, ignore_errors=True)
+            where.mkdir(parents=True)
+            build(trm, where)
+            _train_and_evaluate(kind, trm, where, arch, evaluators, keep)
+            written.append(where)
+    finally:
+        torch.set_num_threads(threads)
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trm", type=Path, default=os.environ.get("DIS_OFFICIAL_TRM"), help="checkout of TinyRecursiveModels")
+    ap.add_argument("--out", type=Path, default=FIXTURES)
+    args = ap.parse_args()
+    if args.trm is None:
+        ap.error("pass --trm or set DIS_OFFICIAL_TRM")
+    for path in record_all(args.trm, args.out):
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        print(f"{path}: {size / 1024:.0f} KiB")
+
+
+if __name__ == "__main__":
+    main()
