@@ -16,7 +16,10 @@ The official code runs from checkouts named by environment variables; nothing of
         python tests/make_official_ckpt.py [--out tests/fixtures/official_ckpt]
 
 Training runs a few steps of the official `train_batch` (so the weights are not at their
-initial values), on CPU in fp32 with one thread. The official modules' unused imports (numba's
+initial values), on CPU in fp32 with one thread. Two more fixtures: `dis_export_arc`, the reverse
+direction (a model trained by `dis run`, exported with `dis export --format official` and
+evaluated by the official TRM code through its own `load_checkpoint`), and `dis_sudoku`, the DIS
+repository's ACTV5 model trained, saved (`step_N.pth`) and evaluated by its own training script. The official modules' unused imports (numba's
 JIT in the ARC evaluator, the Hugging Face download in the Sudoku builder, wandb, ...) are stubbed.
 """
 
@@ -27,6 +30,7 @@ import csv
 import json
 import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -157,6 +161,30 @@ class _CpuTorch(types.ModuleType):
         kwargs.pop("device", None)
         return torch.zeros(*args, **kwargs)
 
+    @staticmethod
+    def load(*args, **kwargs):  # the official loader's map_location="cuda"
+        kwargs["map_location"] = "cpu"
+        return torch.load(*args, **kwargs)
+
+
+class _Compiled(torch.nn.Module):
+    """What `torch.compile` wraps the loss head in, without compiling: its state dict's keys start
+    `_orig_mod.` and attributes reach the loss head, so the official `load_checkpoint` (strict
+    `load_state_dict`) runs on CPU unchanged."""
+
+    def __init__(self, head):
+        super().__init__()
+        self._orig_mod = head
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._orig_mod, name)
+
+    def forward(self, *args, **kwargs):
+        return self._orig_mod(*args, **kwargs)
+
 
 def _train_and_evaluate(kind: str, repo: Path, out: Path, arch: dict, evaluators: list, save_outputs: list) -> None:
     use_repo(repo)
@@ -234,6 +262,187 @@ def _record(metrics, outputs, state, out: Path) -> None:
         npy.unlink()
 
 
+# ------------------------------------------------------------------ dis -> official
+
+def _dis(*args) -> None:
+    """A dis command in its own process, as a user runs it (one thread: the machine is shared)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "dis_core.tools.cli", *map(str, args)], check=True, env=env, cwd=ROOT)
+
+
+# Enough training that the model answers with more than the background colour: a constant answer
+# would be matched by any wiring, proving nothing.
+DIS_RUN_STEPS, DIS_RUN_LR = 150, 3e-3
+
+
+def _dis_arc_recipe(data: Path) -> dict:
+    """A dis recipe for TRM on the official ARC build in `data` (read as `reference_dir`, so the
+    puzzle table's rows are the official identifiers), the trm_arc fixture's shapes, fp32."""
+    a = dict(ARCH, L_layers=1, puzzle_emb_len=2, puzzle_emb_ndim=24)
+    return {
+        "description": "dis-trained TRM for the dis -> official proof (tests/make_official_ckpt.py)",
+        "task": {"name": "arc", "config": {"reference_dir": str(data)}},
+        "backbone": {"name": "trm", "config": {
+            "hidden_size": a["hidden_size"], "num_heads": a["num_heads"], "expansion": float(a["expansion"]),
+            "T": a["H_cycles"], "n": a["L_cycles"], "num_layers": a["L_layers"], "puzzle_emb_len": a["puzzle_emb_len"],
+            "puzzle_emb_ndim": a["puzzle_emb_ndim"], "pos_encodings": "rope", "mlp_t": False}},
+        "targets": {"name": "final"},
+        "halting": {"name": "act", "config": {"exploration_prob": 0.1, "halt_on_q_continue": False, "continue_loss": False}},
+        "evaluators": [{"name": "arc", "config": {"pass_ks": [1, 2, 5]}}, {"name": "exact"}],
+        "supervision": {"n_sup": a["halt_max_steps"], "step_input": "question", "loss": "stablemax"},
+        "train": {"seed": 0, "global_batch_size": 4, "steps": DIS_RUN_STEPS, "precision": "fp32", "threads": 1, "preflight": False,
+                  "puzzle_emb_lr": 1e-2, "optimizer": {"name": "adam_atan2", "config": {"lr": DIS_RUN_LR}},
+                  "schedule": {"warmup_steps": 2, "decay": "constant"}},
+        "loggers": [],
+    }
+
+
+def tensor_digests(state: dict) -> dict:
+    """sha256 of each tensor's bytes (and dtype, shape): what `dis export --format official`
+    wrote, recorded so the test can check that its own export is the file evaluated here."""
+    import hashlib
+
+    return {k: hashlib.sha256(f"{v.dtype}{tuple(v.shape)}".encode() + v.contiguous().numpy().tobytes()).hexdigest()
+            for k, v in sorted(state.items())}
+
+
+def _official_evaluate_export(repo: Path, export: Path, data: Path, work: Path, save_outputs: list) -> tuple[dict, dict, int]:
+    """The exported checkpoint through the official code alone: its PretrainConfig from the
+    exported all_config.yaml, its model classes, its `load_checkpoint` (strict: every key, no
+    extra) and its `evaluate` with the evaluators the config names."""
+    use_repo(repo)
+    import pretrain
+    from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
+    from utils.functions import load_model_class
+
+    step_file = next(p for p in export.iterdir() if p.name.startswith("step_"))
+    raw = yaml.safe_load((export / "all_config.yaml").read_text())
+    assert raw["data_paths"] == [str(data)], raw["data_paths"]  # the export names the build dis trained on
+    raw.update(load_checkpoint=str(step_file), checkpoint_path=str(work), eval_save_outputs=save_outputs)
+    config = pretrain.PretrainConfig(**raw)
+    meta = {}
+
+    def loader(split: str, test: bool):
+        ds = PuzzleDataset(PuzzleDatasetConfig(seed=config.seed, dataset_paths=config.data_paths, global_batch_size=config.global_batch_size,
+                                               test_set_mode=test, epochs_per_iter=1, rank=0, num_replicas=1), split=split)
+        meta[split] = ds.metadata
+        return ds
+
+    loader("train", False)
+    test = loader("test", True)
+    model_cfg = dict(**config.arch.__pydantic_extra__, batch_size=config.global_batch_size, vocab_size=meta["train"].vocab_size,
+                     seq_len=meta["train"].seq_len, num_puzzle_identifiers=meta["train"].num_puzzle_identifiers, causal=False)
+    torch.manual_seed(1)  # any init: load_checkpoint replaces every tensor
+    head = load_model_class(config.arch.loss.name)(load_model_class(config.arch.name)(model_cfg), **config.arch.loss.__pydantic_extra__)
+    step = int(step_file.name.split("_")[1])
+    real_torch = pretrain.torch
+    pretrain.torch = _CpuTorch()
+    try:
+        pretrain.load_checkpoint(_Compiled(head), config)
+        state = pretrain.TrainState(model=head, optimizers=[], optimizer_lrs=[], carry=None, step=step, total_steps=step)
+        head.eval()
+        work.mkdir(parents=True, exist_ok=True)
+        metrics = pretrain.evaluate(config, state, test, meta["test"], pretrain.create_evaluators(config, meta["test"]),
+                                    rank=0, world_size=1, cpu_group=None)
+    finally:
+        pretrain.torch = real_torch
+    return metrics, torch.load(work / f"step_{step}_all_preds.0"), step
+
+
+def record_dis_export(trm: Path, out: Path = FIXTURES) -> Path:
+    """dis -> official: a TRM trained a few steps by `dis run` on the trm_arc fixture's official
+    ARC build, exported with `dis export --format official`, evaluated by the official code.
+    Kept: the dis model as `dis export --format portable` writes it (`model/`), and
+    official_eval.pt (the official evaluation, as for the other fixtures, plus the digests of the
+    exported tensors). The data is trm_arc's (the same build: checked here), not stored twice."""
+    import tempfile
+
+    import tomli_w
+
+    where = out / "dis_export_arc"
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _build_arc(trm, tmp)
+        shared = out / "trm_arc" / "data"
+        for rel in ("identifiers.json", "test_puzzles.json", "test/all__inputs.npy", "test/all__labels.npy", "test/all__puzzle_identifiers.npy"):
+            if (tmp / "data" / rel).read_bytes() != (shared / rel).read_bytes():
+                raise SystemExit(f"{shared / rel}: differs from a fresh official build; record trm_arc first")
+        (tmp / "recipe.toml").write_text(tomli_w.dumps(_dis_arc_recipe(tmp / "data")))
+        _dis("run", tmp / "recipe.toml", "--out", tmp / "run")
+        _dis("export", tmp / "run", "--format", "official", "--out", tmp / "official")
+        # The model folder names the shared build (relative to the repository root: the tests
+        # pass --set task.config.reference_dir anyway).
+        _dis("export", tmp / "run", "--format", "portable", "--out", where / "model",
+             "--set", f'task.config.reference_dir="{os.path.relpath(shared, ROOT)}"')
+        metrics, outputs, step = _official_evaluate_export(trm, tmp / "official", tmp / "data", tmp / "official_eval",
+                                                           ["preds", "q_halt_logits", "puzzle_identifiers"])
+        exported = torch.load(next((tmp / "official").glob("step_*")))
+        flat = {k: ({n: float(x) for n, x in v.items()} if isinstance(v, dict) else float(v)) for k, v in (metrics or {}).items()}
+        record = {"metrics": flat, "step": step, "exported": tensor_digests(exported),
+                  "outputs": {k: v.to(torch.uint8) if k == "preds" else v for k, v in outputs.items()},
+                  "submission": json.loads(next((tmp / "official_eval").glob("evaluator_ARC*/submission.json")).read_text())}
+        torch.save(record, where / "official_eval.pt")
+    return where
+
+
+# ------------------------------------------------------------------ DIS's own training
+
+DIS_STEPS = 80
+
+
+def record_dis_official(dis_repo: Path, out: Path = FIXTURES) -> Path:
+    """The DIS repository's model (TinyRecursiveReasoningModel_ACTV5 under ACTLossHeadV4) built,
+    trained and saved by its own training script's functions (`init_train_state`, `train_batch`,
+    `save_train_state`: `step_N.pth`, compiled-style keys) on a Sudoku set built by its own
+    builder, and evaluated by its own `evaluate`."""
+    where = out / "dis_sudoku"
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    _build_sudoku(dis_repo, where)
+    use_repo(dis_repo)
+    os.environ["DISABLE_COMPILE"] = "1"  # compiled-style keys come from _Compiled below, not from torch.compile on CPU
+    import train_arc_tiny_corrupt as dis_train
+
+    a = dict(ARCH, L_layers=1, H_layers=0, puzzle_emb_len=0)
+    arch = dis_train.ArchConfig(**{k: v for k, v in a.items() if k in dis_train.ArchConfig.__dataclass_fields__},
+                                N_supervision=a["halt_max_steps"])
+    config = dis_train.PretrainConfig(arch=arch, data_paths=[str(where / "data")], evaluators=[], global_batch_size=4, epochs=1,
+                                      lr=3e-3, lr_warmup_steps=2, checkpoint_path=str(where / "official_eval"),
+                                      eval_interval=None, eval_save_outputs=["preds", "q_halt_logits", "puzzle_identifiers"])
+    real_torch = dis_train.torch
+    dis_train.torch = _CpuTorch()
+    try:
+        torch.manual_seed(config.seed)
+        train, train_meta = dis_train.create_dataloader(config, "train", rank=0, world_size=1, test_set_mode=False,
+                                                        epochs_per_iter=40, global_batch_size=4)
+        state = dis_train.init_train_state(config, train_meta, rank=0, world_size=1)
+        state.model, state.total_steps = _Compiled(state.model), DIS_STEPS
+        state.model.train()
+        for _, batch, gbs in train:
+            if state.step >= DIS_STEPS:
+                break
+            dis_train.train_batch(config, state, batch, gbs, rank=0, world_size=1)
+        dis_train.save_train_state(config, state)  # official_eval/step_N.pth
+        test, test_meta = dis_train.create_dataloader(config, "test", rank=0, world_size=1, test_set_mode=True,
+                                                      epochs_per_iter=1, global_batch_size=4)
+        state.model.eval()
+        metrics = dis_train.evaluate(config, state, test, test_meta, [], rank=0, world_size=1, cpu_group=None)
+    finally:
+        dis_train.torch = real_torch
+    ckpt = where / "official_eval" / f"step_{state.step}.pth"
+    shutil.move(ckpt, where / ckpt.name)
+    # Its save_code_and_config writes all_config.yaml this way (asdict of the dataclasses).
+    from dataclasses import asdict
+
+    (where / "all_config.yaml").write_text(yaml.dump(asdict(config)))
+    outputs = torch.load(where / "official_eval" / f"step_{state.step}_all_preds.0.pth")
+    shutil.move(where / "official_eval" / f"step_{state.step}_all_preds.0.pth", where / "official_eval" / f"step_{state.step}_all_preds.0")
+    _record(metrics, outputs, state, where)
+    return where
+
+
 def _init_gloo() -> None:
     # The ARC evaluator gathers votes with torch.distributed even in a single process.
     import torch.distributed as dist
@@ -244,7 +453,9 @@ def _init_gloo() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def record_all(trm: Path, out: Path = FIXTURES) -> list[Path]:
+def record_all(trm: Path, out: Path = FIXTURES, dis: Path | None = None) -> list[Path]:
+    """Every fixture: the official TRM/HRM checkpoints, the dis -> official proof (needs trm_arc,
+    recorded first) and, given a DIS checkout, DIS's own checkpoint."""
     _stub_unused_imports()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -264,6 +475,9 @@ def record_all(trm: Path, out: Path = FIXTURES) -> list[Path]:
             build(trm, where)
             _train_and_evaluate(kind, trm, where, arch, evaluators, keep)
             written.append(where)
+        written.append(record_dis_export(trm, out))
+        if dis is not None:
+            written.append(record_dis_official(dis, out))
     finally:
         torch.set_num_threads(threads)
     return written
@@ -272,11 +486,13 @@ def record_all(trm: Path, out: Path = FIXTURES) -> list[Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trm", type=Path, default=os.environ.get("DIS_OFFICIAL_TRM"), help="checkout of TinyRecursiveModels")
+    ap.add_argument("--dis", type=Path, default=os.environ.get("DIS_OFFICIAL_DIS"),
+                    help="checkout of Deep-Improvement-Supervision (the dis_sudoku fixture; skipped without it)")
     ap.add_argument("--out", type=Path, default=FIXTURES)
     args = ap.parse_args()
     if args.trm is None:
         ap.error("pass --trm or set DIS_OFFICIAL_TRM")
-    for path in record_all(args.trm, args.out):
+    for path in record_all(args.trm, args.out, args.dis):
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         print(f"{path}: {size / 1024:.0f} KiB")
 

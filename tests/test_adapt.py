@@ -243,3 +243,15 @@ def test_the_python_api_adapts_a_loaded_model(base, tmp_path):
     report = dis_core.adapt(model, root / "k_test_challenges.json", tmp_path / "m", steps=2, threads=1)
     assert report["base"]["checkpoint"] == str(model.checkpoint) and report["new_rows"] > 0
     assert sorted(json.loads((tmp_path / "m" / "submission.json").read_text())) == sorted(new)
+
+
+def test_a_new_task_larger_than_the_models_canvas_is_named(tmp_path):
+    from dis_plugins.tasks.arc.adapt_data import ArcAdaptConfig, ArcAdaptTask
+
+    rng = np.random.default_rng(1)
+    big = {"train": [{"input": _grid(rng, 2), "output": _grid(rng, 6)}], "test": [{"input": _grid(rng, 2), "output": _grid(rng, 2)}]}
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "big.json").write_text(json.dumps(big))
+    assert ArcAdaptTask(ArcAdaptConfig(tasks=tmp_path / "t", first_id=3, canvas=6)).spec.seq_len == 36  # fits exactly
+    with pytest.raises(UserError, match=r"task 'big'.*side 6.*5x5 canvas"):
+        ArcAdaptTask(ArcAdaptConfig(tasks=tmp_path / "t", first_id=3, canvas=5))

@@ -3,9 +3,14 @@
 The fixtures in tests/fixtures/official_ckpt/ were recorded by tests/make_official_ckpt.py from
 the official TRM code (its dataset builders, a few steps of its `train_batch`, its checkpoint
 format with `_orig_mod.` keys and its own `evaluate` with the ARC evaluator): TRM on Sudoku, TRM
-on an ARC subset (two held-out tasks x 4 variants, official identifiers), HRM on Sudoku. dis
-imports each one and must give the official per-example predictions exactly and the halting
-logits within rounding, and on ARC the same votes: submission.json identical, the same pass@K.
+on an ARC subset (two held-out tasks x 4 variants, official identifiers), HRM on Sudoku; and from
+the DIS repository's own training script: its ACTV5 model on Sudoku (`step_80.pth`). dis imports
+each one and must give the official per-example predictions exactly and the halting logits
+within rounding, and on ARC the same votes: submission.json identical, the same pass@K.
+
+The other direction: `dis_export_arc` holds a model trained by `dis run` (a portable folder) and
+what the official code gave for its `dis export --format official` (loaded by the official
+`load_checkpoint`, evaluated by the official `evaluate`); `dis eval` must give the same.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from dis_core.tools import checkpoint_io
 from dis_core.tools.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_ckpt"
-CASES = ["trm_sudoku", "trm_arc", "hrm_sudoku"]
+CASES = ["trm_sudoku", "trm_arc", "hrm_sudoku", "dis_sudoku"]
+sys.path.insert(0, str(Path(__file__).parent))
+import make_official_ckpt  # noqa: E402  -- the generator: its tensor digests (no official code is imported)
+
+
+def step_file(name: str) -> Path:
+    """The checkpoint file of a fixture: `step_N` (TRM, HRM) or `step_N.pth` (DIS's script)."""
+    return next(p for p in (FIXTURES / name).iterdir() if p.name.startswith("step_"))
 
 
 def official(name: str) -> dict:
@@ -40,7 +52,8 @@ def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("imported")
     runs = {}
     for name in CASES:
-        assert main(["import", str(FIXTURES / name / "step_6"), "--out", str(root / name), "--data", str(FIXTURES / name / "data")]) == 0
+        # The folder (dis finds its newest step_N / step_N.pth), as a downloaded checkpoint is.
+        assert main(["import", str(FIXTURES / name), "--out", str(root / name), "--data", str(FIXTURES / name / "data")]) == 0
         runs[name] = root / name
     return runs
 
@@ -166,8 +179,8 @@ def test_export_official_gives_back_the_official_checkpoint(name, imported, tmp_
     """dis -> official: every tensor of the original file, under its own key, bit for bit, so the
     official loader (strict load_state_dict) evaluates it to the official numbers above."""
     assert main(["export", str(imported[name]), "--format", "official", "--out", str(tmp_path / "o")]) == 0
-    ours = torch.load(tmp_path / "o" / "step_6")
-    theirs = torch.load(FIXTURES / name / "step_6")
+    theirs = torch.load(step_file(name))
+    ours = torch.load(tmp_path / "o" / step_file(name).name.removesuffix(".pth"))
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     import yaml
@@ -205,21 +218,68 @@ def test_golden_mapping_round_trips():
     assert checkpoint_io.dis_name("inner.puzzle_emb.weights") is None
 
 
+# ------------------------------------------------------------------ dis -> official
+
+DIS_EXPORT = FIXTURES / "dis_export_arc"
+# The portable folder's recipe names the ARC build by a path of the recording machine.
+ARC_DATA = f'task.config.reference_dir="{FIXTURES / "trm_arc" / "data"}"'
+
+
+def test_dis_trained_model_evaluates_in_the_official_code_as_in_dis(tmp_path):
+    """The reverse proof: a model trained by `dis run`, exported with `--format official`, gave
+    in the official code (its strict load_checkpoint, its evaluate, its ARC evaluator) the
+    predictions, exact accuracy, pass@K and submission.json that `dis eval` gives on the model."""
+    rec = official("dis_export_arc")
+    # 1. What this dis exports now is, tensor for tensor, the file the official code evaluated.
+    assert main(["export", str(DIS_EXPORT / "model"), "--format", "official", "--out", str(tmp_path / "o"), "--set", ARC_DATA]) == 0
+    assert make_official_ckpt.tensor_digests(torch.load(tmp_path / "o" / f"step_{rec['step']}")) == rec["exported"]
+    # 2. `dis eval` on the dis model: the official metrics and votes.
+    assert main(["eval", str(DIS_EXPORT / "model"), "--set", ARC_DATA, "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    for k in (1, 2, 5):
+        assert metrics[f"arc/pass@{k}"] == rec["metrics"][f"ARC/pass@{k}"]
+    assert metrics["exact/exact_accuracy"] == pytest.approx(rec["metrics"]["all"]["exact_accuracy"])
+    assert metrics["exact/accuracy"] == pytest.approx(rec["metrics"]["all"]["accuracy"], abs=1e-6)
+    assert json.loads((tmp_path / "ev" / "arc" / "submission.json").read_text()) == rec["submission"]
+    # 3. Per example, in the official test split's order.
+    preds, q, ids = predictions(dis_core.load(DIS_EXPORT / "model", set_overrides=[ARC_DATA], device="cpu"))
+    keep = real_rows("arc", rec, len(preds))
+    out = rec["outputs"]
+    assert np.array_equal(ids, out["puzzle_identifiers"].numpy()[keep])
+    assert np.array_equal(preds, out["preds"].numpy()[keep])
+    # A model that answers with several colours (tokens 2..11), not a constant, which any wiring would match.
+    assert len(np.unique(preds[preds >= 2])) >= 3
+    ref_q = out["q_halt_logits"][keep]
+    assert (q - ref_q).abs().max().item() <= 1e-4 * max(1.0, ref_q.abs().max().item())
+
+
+def test_dis_checkpoint_maps_to_the_step_embedding_model(imported):
+    """DIS's ACTV5: dis's trm with the step embedding, its previous answer fed back, a fixed
+    number of steps; `step_N.pth` names the step."""
+    info = json.loads((imported["dis_sudoku"] / "run.json").read_text())["imported"]
+    assert info["architecture"].endswith("TinyRecursiveReasoningModel_ACTV5") and info["step"] == 80
+    assert info["tensors"]["inner.timestep_embed.embedding_weight"] == "backbone.embed.step.weight"
+    model = dis_core.load(imported["dis_sudoku"], device="cpu")
+    assert model.recipe.supervision.step_input == "prediction" and model.recipe.halting.name == "fixed"
+    assert model.step == 80
+
+
 OFFICIAL_TRM = os.environ.get("DIS_OFFICIAL_TRM")
+OFFICIAL_DIS = os.environ.get("DIS_OFFICIAL_DIS")
 
 
 @pytest.mark.official
 def test_regenerated_fixtures_match_the_committed_ones(tmp_path):
-    """Opt-in (`pytest -m official` with DIS_OFFICIAL_TRM): record the fixtures afresh from the
-    official code and check that the committed ones hold the same checkpoints and evaluations."""
+    """Opt-in (`pytest -m official` with DIS_OFFICIAL_TRM, and DIS_OFFICIAL_DIS for dis_sudoku):
+    record the fixtures afresh from the official code and check that the committed ones hold the
+    same checkpoints and evaluations."""
     assert OFFICIAL_TRM, "set DIS_OFFICIAL_TRM to a checkout of SamsungSAILMontreal/TinyRecursiveModels"
-    sys.path.insert(0, str(Path(__file__).parent))
-    import make_official_ckpt
-
-    make_official_ckpt.record_all(Path(OFFICIAL_TRM), tmp_path)
-    for name in CASES:
-        fresh, kept = torch.load(tmp_path / name / "step_6"), torch.load(FIXTURES / name / "step_6")
+    make_official_ckpt.record_all(Path(OFFICIAL_TRM), tmp_path, Path(OFFICIAL_DIS) if OFFICIAL_DIS else None)
+    names = [n for n in CASES if OFFICIAL_DIS or n != "dis_sudoku"]
+    for name in names:
+        fresh, kept = torch.load(tmp_path / name / step_file(name).name), torch.load(step_file(name))
         assert set(fresh) == set(kept) and all(torch.allclose(fresh[k], kept[k], atol=1e-5) for k in kept)
+    for name in names + ["dis_export_arc"]:
         a, b = official(name), torch.load(tmp_path / name / "official_eval.pt", weights_only=False)
         assert torch.equal(a["outputs"]["preds"], b["outputs"]["preds"])
 

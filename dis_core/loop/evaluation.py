@@ -9,16 +9,30 @@ network calls an example got (they vary with an adaptive halting rule) and, with
 Advantage Margin per step (paper Prop. 4.1). A guidance sweep (`guidance`, paper Eq. 5) scores
 each w in the same pass: one more rollout per batch for each w != 1, scored by fresh copies of
 the evaluators, its metrics named `<evaluator>/<metric>@w=<w>` (w = 1 reuses the plain rollout).
+
+A long evaluation can keep partial results (`PartialResults`, `dis eval` in a lone process): each
+batch is scored by freshly reset evaluators whose states are written, one file per batch, as the
+batch ends; a rerun skips the batches on disk, and the metrics come from every batch's state,
+merged as the ranks' states are merged. An evaluator's `compute(states)` already merges the
+states of disjoint slices of the data (one per rank), so this asks nothing new of it; the metrics
+are those of the batch-wise merge both for a run that went through and for one resumed after a
+kill, bit for bit. `Subset` evaluates chosen examples of a split (`dis eval --tasks/--num-aug`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import pickle
+import re
+import time
 import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import structlog
 import torch
 
@@ -26,7 +40,8 @@ from dis_core.loop import engine as dist
 from dis_core.step.data import eval_chunks, fetch
 from dis_core.step.diagnostics import RolloutDiagnostics
 from dis_core.contract.interfaces import EvalRecord
-from dis_core.contract.logs import progress
+from dis_core.contract.errors import UserError
+from dis_core.contract.logs import in_words, progress
 from dis_core.step.guidance import has_readouts
 
 log = structlog.get_logger()
@@ -52,15 +67,21 @@ def guidance_suffix(w: float) -> str:
 @torch.inference_mode()
 def evaluate(solver, dataset, *, batch_size: int, limit: int | None, generator: torch.Generator | None,
              out_dir: Callable[[str], Path | None], check=None,
-             guidance: Sequence[float] = (), readout: str = "step", margin: bool = False) -> dict[str, float]:
+             guidance: Sequence[float] = (), readout: str = "step", margin: bool = False,
+             partial: "PartialResults | None" = None, report: Callable[[str], None] | None = None) -> dict[str, float]:
     """The `solver`'s evaluators over `dataset`: `<evaluator>/<metric>` and `diagnostics/<metric>`
     metrics on rank 0 ({} elsewhere). The caller sets eval mode (`solver.evaluating()`, and swaps
     in EMA weights); `out_dir(name)` is where evaluator `name` may write files; `check`
     (`dis_core.contract.checks.Boundary.batch`) checks each test batch against the task's spec.
     `guidance`: the w values to score besides the plain evaluation (w = 1); `readout`: "step" or
     "cycle" (see `supervision.rollout`); `margin`: the Advantage Margin rows, dropped if the
-    backbone cannot read out before the step (with a warning, once per backbone)."""
+    backbone cannot read out before the step (with a warning, once per backbone). `partial`: keep
+    and reuse per-batch results there (a lone process only); `report(line)`: told how many
+    examples are left before the first batch, and the time they should take after it."""
     rank, world = dist.rank(), dist.world_size()
+    if partial is not None and world > 1:
+        raise UserError("resumable partial results need a lone process: evaluate without torchrun/deepspeed, "
+                        "or without --out's partial results")
     backbone, evaluators = solver.backbone, solver.evaluators
     if "diagnostics" in evaluators:
         raise ValueError("'diagnostics' names the core's own metrics (diagnostics/*): name the evaluator otherwise")
@@ -80,8 +101,23 @@ def evaluate(solver, dataset, *, batch_size: int, limit: int | None, generator: 
             ev.reset()
     size = len(dataset) if limit is None else min(len(dataset), limit)
     batch_size = eval_batch_size(batch_size, world)
-    with progress(math.ceil(size / batch_size), "eval", rank=rank, unit="batch") as bar:
-        for idx, n_real in eval_chunks(size, batch_size, rank, world):
+    n_batches = math.ceil(size / batch_size)
+    done = partial.done() if partial is not None else set()
+    left = sum(n for b, (_, n) in enumerate(eval_chunks(size, batch_size, rank, world)) if b not in done)
+    if report is not None and rank == 0:
+        report(f"{left} example(s) to evaluate in {n_batches - len(done)} batch(es) of {batch_size}"
+               + (f" ({len(done)} batch(es) done before, read from {partial.folder})" if done else ""))
+    timed = False
+    with progress(n_batches, "eval", rank=rank, unit="batch", initial=len(done)) as bar:
+        for b, (idx, n_real) in enumerate(eval_chunks(size, batch_size, rank, world)):
+            if b in done:
+                continue
+            if partial is not None:  # this batch's own states, written as it ends
+                for evs in sets.values():
+                    for ev in evs.values():
+                        ev.reset()
+                diags = {key: RolloutDiagnostics(calls) for key in sets}
+            started = time.perf_counter()
             batch = fetch(dataset, idx, solver.device, check)
             for key in sets:
                 out = solver.rollout(batch, generator=generator, guidance=1.0 if key is None else key, readout=readout, margin=margin)
@@ -94,13 +130,24 @@ def evaluate(solver, dataset, *, batch_size: int, limit: int | None, generator: 
                 for ev in sets[key].values():
                     ev.update(record)
                 diags[key].update(out, n_real)
+            if partial is not None:
+                partial.save(b, {key: {**{n: ev.state() for n, ev in evs.items()}, "diagnostics": diags[key].state()}
+                                 for key, evs in sets.items()})
+            if report is not None and not timed and rank == 0:
+                timed, left = True, left - n_real
+                seconds = time.perf_counter() - started
+                if left:
+                    report(f"first batch: {seconds:.1f} s; the {left} example(s) left should take "
+                           f"{in_words(seconds * left / max(1, n_real))} on this {solver.device.type}")
             bar.update(1)
+    saved = partial.load_all(n_batches) if partial is not None else None
     metrics: dict[str, float] = {}
     for key, evs in sets.items():
         suffix = "" if key is None else guidance_suffix(key)
         named = {**evs, "diagnostics": diags[key]}
         for name, ev in named.items():
-            states = dist.gather_objects(ev.state())
+            # batch order: the order a single pass would have met the examples in
+            states = [part[key][name] for part in saved] if saved is not None else dist.gather_objects(ev.state())
             if rank != 0:
                 continue
             where = out_dir(name if key is None else f"{name}{suffix}") if name != "diagnostics" else None
@@ -126,3 +173,82 @@ def compute_into(evaluator, states: list, where: Path | None) -> dict[str, float
         for folder in made:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
+
+
+class Subset:
+    """The examples `indices` of `dataset`, in that order, as a dataset of its own: every key of a
+    batch as the dataset gives it (evaluators see each example as a full evaluation shows it)
+    but `example_ids`, which a dataset's contract makes the positions asked for."""
+
+    def __init__(self, dataset, indices: np.ndarray):
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64)
+        arrays = dict(self.dataset.get(self.indices[idx]))
+        arrays["example_ids"] = idx.copy()
+        return arrays
+
+
+PARTIAL_FORMAT = 1
+_BATCH_FILE = re.compile(r"batch_(\d{6,})\.pkl")
+
+
+class PartialResults:
+    """Per-batch evaluator states of one evaluation, in `folder`: `manifest.json` (what was
+    evaluated: the weights' digest and every setting that changes a batch's result) and one
+    `batch_NNNNNN.pkl` per finished batch, each written to a temporary name and renamed, so a
+    kill leaves whole files only. A folder whose manifest differs is refused, never merged."""
+
+    def __init__(self, folder: Path, identity: dict):
+        self.folder = Path(folder)
+        identity = json.loads(json.dumps({"format": PARTIAL_FORMAT, **identity}))  # as it reads back
+        manifest = self.folder / "manifest.json"
+        if manifest.exists():
+            try:
+                saved = json.loads(manifest.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{manifest}: unreadable partial results ({exc}); remove {self.folder} to start over") from None
+            differ = sorted(k for k in {**saved, **identity} if saved.get(k) != identity.get(k)) if isinstance(saved, dict) else ["format"]
+            if differ:
+                raise UserError(f"{manifest}: partial results of another evaluation (it differs in {', '.join(differ)}); "
+                                f"they are not merged. Pass another --out, or remove {self.folder} to start over")
+        else:
+            from dis_core.outputs.rundir import atomic_write
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(manifest, json.dumps(identity, indent=1, sort_keys=True) + "\n")
+        self.identity = identity
+
+    def _path(self, b: int) -> Path:
+        return self.folder / f"batch_{b:06d}.pkl"
+
+    def done(self) -> set[int]:
+        return {int(m.group(1)) for p in self.folder.iterdir() if (m := _BATCH_FILE.fullmatch(p.name))}
+
+    def save(self, b: int, states: dict) -> None:
+        path = self._path(b)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_bytes(pickle.dumps(states, protocol=pickle.HIGHEST_PROTOCOL))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def load_all(self, n_batches: int) -> list[dict]:
+        extra = sorted(b for b in self.done() if b >= n_batches)
+        if extra:  # the manifest fixes the batch count: such a file was put there by hand
+            raise UserError(f"{self._path(extra[0])}: a batch this evaluation does not have ({n_batches} batches); "
+                            f"remove {self.folder} to start over")
+        parts = []
+        for b in range(n_batches):
+            try:
+                parts.append(pickle.loads(self._path(b).read_bytes()))
+            except (OSError, pickle.UnpicklingError, EOFError) as exc:
+                raise UserError(f"{self._path(b)}: partial result unreadable ({type(exc).__name__}); remove it and "
+                                f"rerun to evaluate that batch again") from None
+        return parts

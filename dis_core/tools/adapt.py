@@ -118,6 +118,8 @@ def adapt_recipe(base, registry, tasks: Path, first_id: int, opts: AdaptOptions,
                            "num_augmentations": opts.num_augmentations}
     if "seed" in data["task"].get("config", {}):
         cfg["seed"] = data["task"]["config"]["seed"]  # the variants of a task as the run drew them
+    if "canvas" in data["task"].get("config", {}):
+        cfg["canvas"] = data["task"]["config"]["canvas"]  # the model's sequence: the grids on its canvas
     if opts.eval_variants is not None:
         cfg["eval_variants"] = opts.eval_variants
     if opts.solutions is not None:
@@ -357,8 +359,28 @@ def _base_leakage(task, base) -> dict:
     name, cfg = base.component("task")
     base_cfg = base.to_dict()["task"].get("config", {})
     checked = seen(name, base_cfg) if seen is not None else {"checked": False, "why": f"task {name!r} offers no check"}
+    if not checked.get("checked"):
+        checked.update(_ids_in_reference(task, base_cfg))
     return {"training_uses": "demonstration pairs of the new tasks only; test pairs are refused batch by batch (leakage guard)",
             "base_saw": checked}
+
+
+def _ids_in_reference(task, base_cfg: dict) -> dict:
+    """For a base read from a reference build (an imported official checkpoint), the part that
+    can be checked: its identifiers.json names every task its table has a row for (`name` or
+    `name|||variant`), so a new task id found there was trained on by id (the official setup
+    trains on the evaluation tasks' demonstrations). Pairs cannot be compared: the build holds
+    encoded, augmented grids."""
+    ref = base_cfg.get("reference_dir")
+    ids = [t for t, _ in getattr(task, "test_puzzles", ())]
+    if not ref or not ids:
+        return {}
+    try:
+        names = json.loads((Path(ref) / "identifiers.json").read_text())
+    except (OSError, ValueError):
+        return {"ids_checked": False}
+    trained = {str(n).split("|||")[0] for n in names}
+    return {"ids_checked": True, "tasks_with_id_in_table": sorted(t for t in ids if t in trained)}
 
 
 def _say(report: dict) -> None:
@@ -375,6 +397,9 @@ def _say(report: dict) -> None:
                         tasks=seen["tasks_with_test_pair_seen"][:5])
     else:
         lines.append(f"base model saw: not checked ({seen.get('why')})")
+        if seen.get("ids_checked"):
+            lines.append(f"  by task id (the reference build's identifiers.json): {len(seen['tasks_with_id_in_table'])} "
+                         f"new task(s) have rows in the base table: {', '.join(seen['tasks_with_id_in_table'][:5]) or 'none'}")
     if not report["scored"]:
         lines.append("no test outputs known for some tasks: pass@K is not a score here; submission.json is the result")
     print("\n".join(lines), file=sys.stderr)

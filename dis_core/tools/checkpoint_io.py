@@ -51,6 +51,8 @@ NAME_PAIRS = (
 PUZZLE_TABLE = "puzzle_emb.weights"  # the official key (after `inner.`) of the puzzle table
 COMPILED, HEAD = "_orig_mod.", "model."
 PORTABLE_WEIGHTS = "model.safetensors"
+# TRM's and HRM's pretrain.py write `step_N`; the DIS repository's training script `step_N.pth`.
+STEP_FILE = re.compile(r"step_(\d+)(?:\.pth)?")
 
 
 def dis_name(official: str, *, trm: bool = True) -> str | None:
@@ -306,8 +308,8 @@ def _load_torch(path: Path) -> dict:
     import torch
 
     if path.is_dir():
-        steps = sorted(path.glob("step_*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
-        steps = [p for p in steps if re.fullmatch(r"step_\d+", p.name) and p.is_file()]
+        steps = [p for p in path.glob("step_*") if STEP_FILE.fullmatch(p.name) and p.is_file()]
+        steps.sort(key=lambda p: int(STEP_FILE.fullmatch(p.name).group(1)))
         if not steps:
             raise UserError(f"{path}: no step_N file (an official checkpoint directory holds step_N and all_config.yaml)")
         path = steps[-1]
@@ -337,7 +339,7 @@ def import_official(source: Path, out: Path, *, config: Path | None = None, data
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: exists and is not empty; name a new directory for the imported run")
     out.mkdir(parents=True, exist_ok=True)
-    step = int(m.group(1)) if (m := re.fullmatch(r"step_(\d+)", ckpt_file.name)) else 0
+    step = int(m.group(1)) if (m := STEP_FILE.fullmatch(ckpt_file.name)) else 0
     unmapped: dict = {}
     task, evaluators, facts = _task_from_data(cfg, Path(data) if data else None, out, unmapped)
     recipe, mapping = recipe_from_config(cfg, where=cfg_file, task=task, step=max(step, 1))
@@ -484,15 +486,17 @@ def _dis_to_official_config(model) -> dict:
     }
 
 
-def export_official(source: Path, out: Path, *, weights: str = "auto", data_dir: Path = Path("data")) -> Path:
+def export_official(source: Path, out: Path, *, weights: str = "auto", data_dir: Path = Path("data"),
+                    set_overrides=()) -> Path:
     """A dis run (or portable folder) -> `out/step_N` (keys `_orig_mod.model.inner.*`, as a
-    compiled official loss head saves them) and `out/all_config.yaml`."""
+    compiled official loss head saves them) and `out/all_config.yaml`. `set_overrides` fix the
+    recipe's paths of another machine (an ARC `reference_dir`), which loading the model needs."""
     import torch
     import yaml
 
     from dis_core.tools.inference import load
 
-    model = load(source, data_dir=data_dir, weights=weights, device="cpu")
+    model = load(source, set_overrides=set_overrides, data_dir=data_dir, weights=weights, device="cpu")
     cfg = _dis_to_official_config(model)
     trm = model.recipe.backbone.name == "trm"
     nonp = _non_persistent(model.backbone)
@@ -507,15 +511,17 @@ def export_official(source: Path, out: Path, *, weights: str = "auto", data_dir:
     return out / f"step_{step}"
 
 
-def export_portable(source: Path, out: Path, *, weights: str = "auto", data_dir: Path = Path("data")) -> Path:
-    """A dis run -> a folder a model hub serves as is: model.safetensors, recipe.toml (resolved),
-    run.json (the run's, plus what was exported) and README.md (the model card)."""
+def export_portable(source: Path, out: Path, *, weights: str = "auto", data_dir: Path = Path("data"),
+                    set_overrides=()) -> Path:
+    """A dis run -> a folder a model hub serves as is: model.safetensors, recipe.toml (resolved,
+    `set_overrides` applied), run.json (the run's, plus what was exported) and README.md (the
+    model card)."""
     import tomli_w
     from safetensors.torch import save_file
 
     from dis_core.tools.inference import load
 
-    model = load(source, data_dir=data_dir, weights=weights, device="cpu")
+    model = load(source, set_overrides=set_overrides, data_dir=data_dir, weights=weights, device="cpu")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: exists and is not empty; name a new folder for the exported model")
     out.mkdir(parents=True, exist_ok=True)
@@ -641,6 +647,8 @@ def add_parsers(sub) -> None:
     ex.add_argument("--out", type=Path, required=True, metavar="DIR")
     ex.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto")
     ex.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
+    ex.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the run's recipe, e.g. the ARC task.config.reference_dir of this machine (repeatable)")
 
 
 def cmd_import(args) -> int:
@@ -654,9 +662,9 @@ def cmd_import(args) -> int:
 
 def cmd_export(args) -> int:
     if args.format == "official":
-        path = export_official(args.source, args.out, weights=args.weights, data_dir=args.data_dir)
+        path = export_official(args.source, args.out, weights=args.weights, data_dir=args.data_dir, set_overrides=args.overrides)
     else:
-        path = export_portable(args.source, args.out, weights=args.weights, data_dir=args.data_dir)
+        path = export_portable(args.source, args.out, weights=args.weights, data_dir=args.data_dir, set_overrides=args.overrides)
     print(f"written {path}", file=sys.stderr)
     return 0
 

@@ -365,32 +365,64 @@ class Model:
 
     def evaluate(self, test_set=None, *, set_overrides: Iterable[str] = (), limit: int | None = None,
                  out_dir: str | Path | None = None, batch_size: int | None = None, trajectories: int = 0,
-                 examples=None) -> dict[str, float]:
+                 examples=None, tasks=None, num_aug: int | None = None, resumable: bool = False,
+                 report=None) -> dict[str, float]:
         """Every evaluator of the recipe over `test_set` (default: the task's test split, with
         the recipe's `train.eval_limit` unless `limit`), batched as the run's evaluations were.
         Metrics on rank 0 ({} on the others). With `out_dir`, rank 0 writes `metrics.json`, the
         evaluators' files under `out_dir/<evaluator>/` and, with `trajectories` N, pictures of N
-        test examples chosen by `examples` (see `draw_trajectories`) under `out_dir/trajectories/`."""
+        test examples chosen by `examples` (see `draw_trajectories`) under `out_dir/trajectories/`.
+
+        `tasks` / `num_aug` evaluate part of the split, through the task's `eval_subset` (ARC: test
+        tasks by id or the first N, the original plus `num_aug` augmentations of each test pair);
+        the metrics then hold `coverage/*` and metrics.json the task ids. `resumable` (with
+        `out_dir`, in a lone process): per-batch partial results under `out_dir/partial/`, reused
+        by a rerun with the same weights and settings (see `evaluation.PartialResults`);
+        `report(line)` is told the size of the job and its time estimate."""
         from dis_core.loop import evaluation
 
         overrides = tuple(set_overrides)
         if overrides:
             return self.with_overrides(overrides).evaluate(test_set, limit=limit, out_dir=out_dir, batch_size=batch_size,
-                                                           trajectories=trajectories, examples=examples)
+                                                           trajectories=trajectories, examples=examples, tasks=tasks,
+                                                           num_aug=num_aug, resumable=resumable, report=report)
         dataset = test_set if test_set is not None else self.task.dataset("test")
         train = self.recipe.train
         out = Path(out_dir) if out_dir is not None else None
         rank = dist.rank()
+        limit = limit if limit is not None else train.eval_limit
+        batch_size = batch_size or self.eval_batch_size()
+        coverage = None
+        if tasks is not None or num_aug is not None:
+            pick = getattr(self.task, "eval_subset", None)
+            if pick is None:
+                raise UserError(f"task {self.recipe.task.name!r} cannot evaluate a subset (--tasks, --num-aug): it has no "
+                                f"eval_subset method; use --limit for the first K examples")
+            indices, coverage = pick(dataset, tasks=tasks, num_aug=num_aug)
+            dataset = evaluation.Subset(dataset, indices)
+        size = len(dataset) if limit is None else min(len(dataset), limit)
+        coverage = {**(coverage or {"examples_total": len(dataset)}), "examples": size}
+        partial = None
+        if resumable and out is not None and rank == 0 and dist.world_size() == 1:
+            partial = evaluation.PartialResults(out / "partial", self._identity(dataset, size, batch_size, limit))
 
         def ev_dir(name: str) -> Path | None:
             return None if out is None else out / name  # created by an evaluator that writes
 
+        resumed = len(partial.done()) if partial is not None else 0
         started = time.perf_counter()
         metrics = evaluation.evaluate(
-            self.solver, dataset, batch_size=batch_size or self.eval_batch_size(),
-            limit=limit if limit is not None else train.eval_limit, generator=torch.Generator().manual_seed(train.seed),
-            out_dir=ev_dir, **evaluation.options(self.recipe.eval),
+            self.solver, dataset, batch_size=batch_size,
+            limit=limit, generator=torch.Generator().manual_seed(train.seed),
+            out_dir=ev_dir, **evaluation.options(self.recipe.eval), partial=partial, report=report,
         )
+        # Only a subset says what it covered in the metrics: a whole split's metrics stay exactly
+        # the run's own final evaluation (metrics.json's `coverage` block says it either way).
+        if rank == 0 and (tasks is not None or num_aug is not None):
+            metrics["coverage/examples"] = float(size)
+            if "tasks" in coverage:
+                metrics["coverage/tasks"] = float(len(coverage["tasks"]))
+                metrics["coverage/variants_max"] = float(coverage["variants_per_pair"]["max"])
         if rank == 0 and out is not None:
             import json
 
@@ -399,11 +431,49 @@ class Model:
             out.mkdir(parents=True, exist_ok=True)
             record = {"checkpoint": str(self.checkpoint), "step": self.step, "weights": self.weights,
                       "overrides": list(self.overrides), "world_size": dist.world_size(), "precision": self.solver.precision,
-                      "wall_time_s": time.perf_counter() - started, "metrics": metrics}
+                      "wall_time_s": time.perf_counter() - started, "coverage": coverage,
+                      "resumed_batches": resumed, "metrics": metrics}
             atomic_write(out / "metrics.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
             if trajectories:
                 self.draw_trajectories(trajectories, out / "trajectories", dataset=dataset, examples=examples)
         return metrics
+
+    def weights_digest(self) -> str:
+        """sha256 of the tensors evaluated (backbone and puzzle table, as loaded): what a
+        partial result must come from to be merged, wherever the checkpoint was read from."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for part, module in (("backbone", self.backbone), ("puzzle_emb", self.puzzle_emb)):
+            if module is None:
+                continue
+            for name, tensor in sorted(module.state_dict().items()):
+                t = tensor.detach().cpu().contiguous()
+                digest.update(f"{part}.{name}:{t.dtype}:{tuple(t.shape)};".encode())
+                if t.numel():  # the buffer itself: a full ARC puzzle table is GBs, not to be copied
+                    digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
+
+    def _identity(self, dataset, size: int, batch_size: int, limit: int | None) -> dict:
+        """What a batch's result depends on, for `evaluation.PartialResults`: the weights, the
+        recipe as resolved, the batching, and the examples themselves (their ids and inputs)."""
+        import hashlib
+
+        # Every example of a small split; of a large one (rendering all would take minutes) the
+        # first 2048 and 2048 spread over the rest, enough to tell another split or subset.
+        sample = np.arange(size) if size <= 4096 else np.unique(np.r_[np.arange(2048), np.linspace(2048, size - 1, 2048).astype(np.int64)])
+        examples = hashlib.sha256()
+        for lo in range(0, len(sample), 512):
+            arrays = dataset.get(sample[lo: lo + 512])
+            for key in ("example_ids", "puzzle_ids", "inputs", "labels"):
+                if key in arrays:
+                    examples.update(np.ascontiguousarray(arrays[key]).tobytes())
+        recipe = hashlib.sha256((self.run_dir / "recipe.toml").read_bytes() + repr(self.overrides).encode()).hexdigest()
+        return {"weights_sha256": self.weights_digest(), "step": self.step, "weights": self.weights,
+                "recipe_sha256": recipe, "overrides": list(self.overrides), "precision": self.solver.precision,
+                "device": self.device.type, "batch_size": batch_size, "limit": limit, "examples": size,
+                "examples_sha256": examples.hexdigest(), "evaluators": sorted(self.evaluators),
+                "eval": {k: list(v) if isinstance(v, tuple) else v for k, v in evaluation_options(self.recipe.eval).items()}}
 
     def draw_trajectories(self, n: int, out_dir: str | Path, *, dataset=None, title: str = "", examples=None) -> list[Path]:
         """PNGs of `n` examples of `dataset` (default: the test split) chosen by `examples`
@@ -412,6 +482,12 @@ class Model:
         from dis_core.outputs import trajectories
 
         return trajectories.for_model(self, n, Path(out_dir), examples=examples, dataset=dataset, title=title)
+
+
+def evaluation_options(eval_cfg) -> dict:
+    from dis_core.loop import evaluation
+
+    return evaluation.options(eval_cfg)
 
 
 def check_guidance(w: float) -> None:

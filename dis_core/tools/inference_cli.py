@@ -29,6 +29,12 @@ def add_parsers(sub) -> None:
                     help="the task's split to evaluate: test (default) or valid, the validation split (dis study)")
     ev.add_argument("--limit", type=int, default=None, metavar="K", help="evaluate the first K test examples (default: the recipe's train.eval_limit)")
     ev.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: the run's evaluation batch)")
+    ev.add_argument("--tasks", default=None, metavar="ID[,ID...]|@FILE|N",
+                    help="evaluate these test tasks only (ARC): ids, a file of ids (one a line, or a JSON list), or N for the first N")
+    ev.add_argument("--num-aug", type=int, default=None, metavar="K",
+                    help="vote over the original and the first K augmentations of each test pair (ARC; default: all)")
+    ev.add_argument("--resume", action="store_true",
+                    help="continue an evaluation that was stopped: without --out, the newest RUN_DIR/eval-* holding partial results")
     ev.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
                     help="auto: the EMA weights when the run kept them, else the trained ones")
     ev.add_argument("--data-dir", type=Path, default=Path("data"), help="cache for prepared task data")
@@ -57,6 +63,59 @@ def _positive(value: int | None, flag: str) -> None:
         raise UserError(f"{flag} must be a positive number, got {value}")
 
 
+def parse_tasks(spec: str | None):
+    """--tasks: None, a count N (the first N test tasks), or a list of task ids (from
+    `ID,ID,...` or `@FILE`: one id a line, or a JSON list of ids)."""
+    from dis_core.contract.errors import UserError
+
+    if spec is None:
+        return None
+    spec = spec.strip()
+    if spec.isdigit():
+        if int(spec) <= 0:
+            raise UserError(f"--tasks {spec}: the number of tasks must be positive")
+        return int(spec)
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--tasks {spec}: cannot read {path} ({type(exc).__name__})") from None
+        if text.lstrip().startswith("["):
+            try:
+                ids = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"--tasks {spec}: {path} is not a valid JSON list ({exc})") from None
+            if not all(isinstance(i, str) for i in ids):
+                raise UserError(f"--tasks {spec}: {path} must list task ids as strings")
+        else:
+            ids = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        ids = [i.strip() for i in spec.split(",") if i.strip()]
+    if not ids:
+        raise UserError(f"--tasks {spec!r}: names no task")
+    return list(dict.fromkeys(ids))
+
+
+def _eval_out(args, run_dir: Path) -> Path:
+    """--out, else for --resume the newest RUN_DIR/eval-* left unfinished (partial results, no
+    metrics.json), else a new RUN_DIR/eval-<time>."""
+    from dis_core.contract.errors import UserError
+
+    if args.out is not None:
+        if args.resume and not (args.out / "partial" / "manifest.json").is_file():
+            raise UserError(f"--resume: {args.out} holds no partial results (no partial/manifest.json)")
+        return args.out
+    if args.resume:
+        found = sorted(p for p in run_dir.glob("eval-*")
+                       if (p / "partial" / "manifest.json").is_file() and not (p / "metrics.json").exists())
+        if not found:
+            raise UserError(f"--resume: no unfinished evaluation under {run_dir} (eval-*/partial/ without metrics.json); "
+                            f"name one with --out")
+        return found[-1]  # eval-<time> names sort by time
+    return run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def cmd_eval(args) -> int:
     from dis_core.tools.inference import load
     from dis_core.contract.metrics import is_per_step
@@ -65,16 +124,27 @@ def cmd_eval(args) -> int:
     _positive(args.batch_size, "--batch-size")
     if args.trajectories < 0:
         _positive(args.trajectories, "--trajectories")
+    if args.num_aug is not None and args.num_aug < 0:
+        from dis_core.contract.errors import UserError
+
+        raise UserError(f"--num-aug {args.num_aug}: the number of augmentations must be 0 or more")
+    tasks = parse_tasks(args.tasks)  # a bad --tasks stops here, before the model loads
     from dis_core.outputs import trajectories
 
     trajectories.Choice.parse(args.examples)  # a bad --examples stops here, before the model loads
     model = load(args.source, set_overrides=args.overrides, data_dir=args.data_dir, weights=args.weights)
-    out = args.out or model.run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = _eval_out(args, model.run_dir)
     if out.exists() and not out.is_dir():
         from dis_core.contract.errors import UserError
 
         raise UserError(f"--out {out} is an existing file, not a directory")
-    metrics = model.evaluate(model.task.dataset(args.split), limit=args.limit, out_dir=out, batch_size=args.batch_size)
+
+    def report(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    # Resumable whenever the evaluation writes somewhere: a rerun of the same command continues it.
+    metrics = model.evaluate(model.task.dataset(args.split), limit=args.limit, out_dir=out, batch_size=args.batch_size,
+                             tasks=tasks, num_aug=args.num_aug, resumable=True, report=report)
     if args.trajectories and int(os.environ.get("RANK", "0")) == 0:
         trajectories.for_model(model, args.trajectories, out / "trajectories", examples=args.examples)
     if int(os.environ.get("RANK", "0")) == 0:

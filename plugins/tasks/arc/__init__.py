@@ -1,7 +1,7 @@
 """ARC-AGI (1 and 2, plus ConceptARC): the `arc` task and the `arc` evaluator.
 
 Modules: sources (subsets, validation, leak check), encoding (tokens, dihedral transforms,
-crop), augment (deduplicated variants, counter hashing), dataset (on-the-fly splits), task
+crop), canvas (smaller canvases, the subsets a task loads), augment (deduplicated variants, counter hashing), dataset (on-the-fly splits), task
 (config and Task), reference_layout (TRM/HRM `.npy` directories, read and write), evaluator,
 __main__ (`python -m dis_plugins.tasks.arc`: export to the TRM/HRM layout).
 ConceptARC (MIT, see data/conceptarc/LICENSE) ships in data/conceptarc/.

@@ -31,8 +31,9 @@ from dis_core.contract.errors import DataError, UserError
 from dis_core.contract.interfaces import IGNORE, TaskSpec
 from dis_core.contract.validators import non_negative, positive
 
+from .canvas import check_canvas, largest_side
 from .dataset import Corpus, TestSplit, TrainSplit
-from .encoding import SEQ_LEN, SIDE, VOCAB_SIZE
+from .encoding import VOCAB_SIZE
 from .sources import BUILTIN, Puzzle, _pairs, load_subset, parse_grid
 from .task import ArcTask
 
@@ -53,6 +54,7 @@ class ArcAdaptConfig:
     translate: bool = True  # random placement on the canvas in training, as the arc task does
     seed: int = 42
     max_tasks: int | None = attrs.field(default=None, validator=positive)  # the first K tasks by id
+    canvas: int = 30  # the trained model's canvas side (`dis adapt` copies the run's); every grid must fit
 
 
 def pair_key(i: np.ndarray, o: np.ndarray | None) -> bytes:
@@ -205,13 +207,20 @@ class ArcAdaptTask(ArcTask):
     def __init__(self, config: ArcAdaptConfig):
         self.config, self._splits, self._reference = config, {}, None
         puzzles, self.known = read_tasks(config.tasks, config.solutions, config.max_tasks)
-        self.corpus = Corpus(puzzles, [True] * len(puzzles), config.num_augmentations, config.seed)
+        check_canvas(config.canvas)
+        for p in puzzles:  # a new task is never dropped or cropped: the model cannot take it, say so
+            if largest_side(p) > config.canvas:
+                raise UserError(f"task {p.task_id!r} ({config.tasks}): a grid of side {largest_side(p)} does not fit "
+                                f"the trained model's {config.canvas}x{config.canvas} canvas (task.config.canvas)")
+        self.side, self.valid_puzzles = config.canvas, []
+        self.corpus = Corpus(puzzles, [True] * len(puzzles), config.num_augmentations, config.seed, config.canvas)
         self.first_id = config.first_id
         self.test_puzzles = [(p.task_id, len(p.test)) for p in puzzles]
         self.test_keys = {pair_key(i, o): f"test pair {k} of task {p.task_id}"
                           for p, kn in zip(puzzles, self.known) for k, (i, o) in enumerate(p.test) if kn[k]}
         num_ids = config.first_id + self.corpus.num_ids - 1  # the corpus's blank row 0 is the model's own row 0
-        self.spec = TaskSpec(vocab_size=VOCAB_SIZE, seq_len=SEQ_LEN, num_puzzle_ids=num_ids, pad_id=0, grid_shape=(SIDE, SIDE))
+        self.spec = TaskSpec(vocab_size=VOCAB_SIZE, seq_len=self.side * self.side, num_puzzle_ids=num_ids, pad_id=0,
+                             grid_shape=(self.side, self.side))
 
     @property
     def scored(self) -> bool:

@@ -73,14 +73,15 @@ def variant_groups(example_offset: np.ndarray, n_var: np.ndarray) -> PuzzleGroup
 class Corpus:
     """Every pair of every puzzle on 30x30 blocks, and each puzzle's deduplicated variants."""
 
-    def __init__(self, puzzles: list[Puzzle], is_test: list[bool], num_aug: int, seed: int):
+    def __init__(self, puzzles: list[Puzzle], is_test: list[bool], num_aug: int, seed: int, canvas: int = SIDE):
         self.puzzles, self.seed = puzzles, seed
+        self.side = canvas  # the canvas side (task.config.canvas): grids are stored on side x side blocks
         self.is_test = np.asarray(is_test, dtype=bool)
         self.n_train = np.array([len(p.train) for p in puzzles], dtype=np.int64)
         self.n_test = np.array([len(p.test) for p in puzzles], dtype=np.int64)
         self.pair_offset = np.concatenate([[0], np.cumsum(self.n_train + self.n_test)])
         n_pairs = int(self.pair_offset[-1])
-        self.grids = np.zeros((n_pairs, 2, SIDE, SIDE), dtype=np.uint8)  # [pair, input/output]
+        self.grids = np.zeros((n_pairs, 2, canvas, canvas), dtype=np.uint8)  # [pair, input/output]
         self.shapes = np.zeros((n_pairs, 2, 2), dtype=np.int64)
         k = 0
         for p in puzzles:
@@ -127,8 +128,8 @@ class Corpus:
             h2, w2 = transformed_shape(shapes[..., 0], shapes[..., 1], tid[:, None].astype(np.int64))
             key = self.keys[puz]
             keep = pair_local == hash_uniform(n_ex, self.seed, key, var, _SALT_KEEP)
-            r0 = np.where(keep, 0, hash_uniform(SIDE + 1 - h2.max(axis=1), self.seed, key, var, pair_local, _SALT_ROW))
-            c0 = np.where(keep, 0, hash_uniform(SIDE + 1 - w2.max(axis=1), self.seed, key, var, pair_local, _SALT_COL))
+            r0 = np.where(keep, 0, hash_uniform(self.side + 1 - h2.max(axis=1), self.seed, key, var, pair_local, _SALT_ROW))
+            c0 = np.where(keep, 0, hash_uniform(self.side + 1 - w2.max(axis=1), self.seed, key, var, pair_local, _SALT_COL))
         inputs = render(self.grids[pair, 0], shapes[:, 0], tid, cmap, r0, c0)
         outputs = render(self.grids[pair, 1], shapes[:, 1], tid, cmap, r0, c0)
         return inputs, outputs, 1 + row, tid, cmap
@@ -169,9 +170,12 @@ class TrainSplit:
 
 
 class TestSplit:
-    def __init__(self, corpus: Corpus, max_variants: int | None):
+    def __init__(self, corpus: Corpus, max_variants: int | None, puzzles=None, task_offset: int = 0):
         self.corpus = corpus
-        self.group_puzzle = np.flatnonzero(corpus.is_test)  # arc_task = position in this array
+        # arc_task = task_offset + position in this array; `puzzles` (corpus indices) picks the
+        # held-out tasks of this split when the corpus holds two sets of them (valid_subset)
+        self.group_puzzle = np.flatnonzero(corpus.is_test) if puzzles is None else np.asarray(puzzles, dtype=np.int64)
+        self.task_offset = task_offset
         n_var = corpus.n_var[self.group_puzzle]
         self.n_var = n_var if max_variants is None else np.minimum(n_var, max_variants)
         self.offset = np.concatenate([[0], np.cumsum(self.n_var * corpus.n_test[self.group_puzzle])])
@@ -187,4 +191,4 @@ class TestSplit:
         puz = self.group_puzzle[g]
         var, pair = np.divmod(idx - self.offset[g], self.corpus.n_test[puz])
         inputs, outputs, ids, tid, cmap = self.corpus.render(puz, var, self.corpus.n_train[puz] + pair, None, False)
-        return make_batch(idx, inputs, outputs, ids, tid, cmap, g, pair)
+        return make_batch(idx, inputs, outputs, ids, tid, cmap, self.task_offset + g, pair)

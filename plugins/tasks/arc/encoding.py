@@ -1,7 +1,9 @@
 """ARC grids <-> token canvases, the 8 dihedral transforms, and the evaluator's crop.
 
 Tokens (the reference encoding, docs/reference.md#tokens-and-canvas): PAD 0, EOS 1, colour c -> c + 2.
-A grid of shape (h, w) placed at (r0, c0) on the 30x30 canvas is followed by an EOS row at
+A grid of shape (h, w) placed at (r0, c0) on the 30x30 canvas (or a smaller square canvas, the
+`canvas` option, for small-grid recipes: the side is that of the grids handed to `render`, and
+`crop` reads it from the row length) is followed by an EOS row at
 row r0+h over its columns and an EOS column at column c0+w over its rows, each only where it
 fits; the diagonal corner (r0+h, c0+w) stays PAD.
 
@@ -54,50 +56,62 @@ def transformed_shape(h: np.ndarray, w: np.ndarray, t: np.ndarray) -> tuple[np.n
 
 
 def render(
-    grids: np.ndarray,  # (K, 30, 30) uint8 colours 0..9 at the top-left, anything elsewhere
+    grids: np.ndarray,  # (K, S, S) uint8 colours 0..9 at the top-left, anything elsewhere; S is the canvas side (30)
     shapes: np.ndarray,  # (K, 2) (h, w) of each grid
     tids: np.ndarray,  # (K,) dihedral transform ids
     cmaps: np.ndarray,  # (K, 10) colour maps: new colour = cmap[old]
     r0: np.ndarray,  # (K,) row offset of the transformed grid on the canvas
     c0: np.ndarray,  # (K,) column offset
 ) -> np.ndarray:
-    """Tokens (K, 900) uint8 of each grid, transformed, recoloured and placed: a single gather,
-    so a whole batch costs a few vectorised passes over (K, 30, 30)."""
-    k = len(grids)
+    """Tokens (K, S*S) uint8 of each grid, transformed, recoloured and placed: a single gather,
+    so a whole batch costs a few vectorised passes over (K, S, S). The grids' block side S is the
+    canvas side, so a smaller canvas needs no other argument (and 30 is exactly the reference)."""
+    k, side = len(grids), grids.shape[-1]
     t = np.asarray(tids, dtype=np.int64).reshape(k, 1, 1)
     h = np.asarray(shapes[:, 0], dtype=np.int64).reshape(k, 1, 1)
     w = np.asarray(shapes[:, 1], dtype=np.int64).reshape(k, 1, 1)
     h2, w2 = transformed_shape(h, w, t)
-    i = np.arange(SIDE).reshape(1, SIDE, 1) - np.asarray(r0, dtype=np.int64).reshape(k, 1, 1)  # (K, 30, 1) row in the grid
-    j = np.arange(SIDE).reshape(1, 1, SIDE) - np.asarray(c0, dtype=np.int64).reshape(k, 1, 1)  # (K, 1, 30)
+    i = np.arange(side).reshape(1, side, 1) - np.asarray(r0, dtype=np.int64).reshape(k, 1, 1)  # (K, S, 1) row in the grid
+    j = np.arange(side).reshape(1, 1, side) - np.asarray(c0, dtype=np.int64).reshape(k, 1, 1)  # (K, 1, S)
     rows_in, cols_in = (i >= 0) & (i < h2), (j >= 0) & (j < w2)
     inside = rows_in & cols_in  # (K, 30, 30)
     a = _A_H[t] * (h - 1) + _A_I[t] * i + _A_J[t] * j
     b = _B_W[t] * (w - 1) + _B_I[t] * i + _B_J[t] * j
-    src = np.where(inside, a * SIDE + b, 0).reshape(k, SEQ_LEN)
-    colours = np.take_along_axis(grids.reshape(k, SEQ_LEN), src, axis=1)  # (K, 900) original colours
+    src = np.where(inside, a * side + b, 0).reshape(k, side * side)
+    colours = np.take_along_axis(grids.reshape(k, side * side), src, axis=1)  # (K, S*S) original colours
     tokens = np.take_along_axis(np.asarray(cmaps, dtype=np.uint8), colours.astype(np.int64), axis=1) + COLOUR0
     eos = ((i == h2) & cols_in) | ((j == w2) & rows_in)
-    out = np.where(inside.reshape(k, SEQ_LEN), tokens, np.where(eos.reshape(k, SEQ_LEN), EOS, PAD))
+    out = np.where(inside.reshape(k, side * side), tokens, np.where(eos.reshape(k, side * side), EOS, PAD))
     return out.astype(np.uint8)
 
 
 def crop(tokens: np.ndarray) -> list[np.ndarray]:
-    """The reference's answer crop, for (B, 900) token rows -> B grids of colours 0..9.
+    """The reference's answer crop, for (B, S*S) token rows -> B grids of colours 0..9 (S = 30, or
+    the side of a smaller canvas: read from the row length, which must be a square).
 
-    For each r = 1..30 the usable width is the running minimum, over rows 0..r-1, of each row's
+    For each r = 1..S the usable width is the running minimum, over rows 0..r-1, of each row's
     leading run of colour tokens; the (r, width) of maximal area wins (the first on ties), and
     an all-PAD row 0 gives an empty (0, 0) grid.
     """
-    x = np.asarray(tokens).reshape(-1, SIDE, SIDE)
+    tokens = np.asarray(tokens)
+    side = canvas_side(tokens.shape[-1])
+    x = tokens.reshape(-1, side, side)
     is_colour = (x >= COLOUR0) & (x < VOCAB_SIZE)
-    lead = np.where(is_colour.all(axis=2), SIDE, np.argmin(is_colour, axis=2))  # (B, 30)
+    lead = np.where(is_colour.all(axis=2), side, np.argmin(is_colour, axis=2))  # (B, S)
     width = np.minimum.accumulate(lead, axis=1)
-    area = width * np.arange(1, SIDE + 1)
+    area = width * np.arange(1, side + 1)
     r = np.argmax(area, axis=1) + 1
     w = width[np.arange(len(x)), r - 1]
     r = np.where(w == 0, 0, r)
     return [(x[b, : r[b], : w[b]].astype(np.int64) - COLOUR0).astype(np.uint8) for b in range(len(x))]
+
+
+def canvas_side(seq_len: int) -> int:
+    """The side S of a square canvas of `seq_len` = S*S tokens (900 -> 30)."""
+    side = int(round(seq_len ** 0.5))
+    if side * side != seq_len:
+        raise ValueError(f"ARC token rows must be a square canvas (S*S tokens), got {seq_len}")
+    return side
 
 
 def invert(grid: np.ndarray, tid: int, cmap: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dis_core.contract.errors import DataError
+from dis_core.contract.errors import DataError, UserError
 
 from .augment import hash_uniform
 from .dataset import _SALT_ROTATION, make_batch, task_key, variant_groups
@@ -77,6 +77,8 @@ def export_reference_layout(task, out_dir: str | Path, progress: bool | None = N
     corpus = task.corpus
     if corpus is None:
         raise DataError(f"{task.config.reference_dir}: this task already reads a reference directory; export needs sources")
+    if corpus.side * corpus.side != SEQ_LEN:  # the reference layout is 30x30 (its seq_len 900) only
+        raise UserError(f"task.config.canvas = {corpus.side}: the TRM/HRM layout has 30x30 canvases; export with canvas 30")
     progress = sys.stderr.isatty() if progress is None else progress
     train, test = task.dataset("train"), task.dataset("test")
     counts = {
