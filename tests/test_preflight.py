@@ -335,6 +335,8 @@ def test_dry_run_prints_the_preflight(tmp_path, capsys):
 def test_gpu_estimates_scale_the_published_figures():
     compact, trm = preflight.PUBLISHED
     assert preflight.nearest_anchor(2.4e9) is compact and preflight.nearest_anchor(1.6e10) is trm
+    # arc1_cpu's D 64 network on 101 positions: no published run near enough to scale from
+    assert preflight.nearest_anchor(3e7) is None and preflight.nearest_anchor(2.42e9 / 5) is None
     found = preflight._gpus(compact, compact.flops / 2, None, batch=512, fixed=0)
     assert found["hours"] == {1: pytest.approx(80.0), 4: pytest.approx(20.0), 8: pytest.approx(10.0)}
     assert list(preflight._gpus(compact, compact.flops, None, batch=4, fixed=0)["hours"]) == [1, 4]  # 8 GPUs cannot split 4 slots

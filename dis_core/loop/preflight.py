@@ -96,8 +96,16 @@ def run_flops(cost, *, steps: int, global_batch: int, evaluations: int, eval_exa
     return steps * global_batch * cost.train_flops + evaluations * eval_examples * eval_steps * cost.eval_flops * rollouts
 
 
-def nearest_anchor(flops_per_call: float) -> Anchor:
-    return min(PUBLISHED, key=lambda a: abs(math.log(a.flops_per_call / flops_per_call)))
+ANCHOR_REACH = 4.0  # how far (as a ratio of FLOPs per call) a recipe may be from its anchor and still be scaled from it
+
+
+def nearest_anchor(flops_per_call: float) -> Anchor | None:
+    """The published run whose network call costs most alike, or None when none is within
+    `ANCHOR_REACH`: a much smaller network runs a GPU far below the anchor's throughput (launch
+    latency, not FLOPs, sets its pace), so scaling by FLOPs would promise seconds for a run that
+    takes minutes."""
+    anchor = min(PUBLISHED, key=lambda a: abs(math.log(a.flops_per_call / flops_per_call)))
+    return anchor if abs(math.log(anchor.flops_per_call / flops_per_call)) <= math.log(ANCHOR_REACH) else None
 
 
 # ------------------------------------------------------------------ the plan
