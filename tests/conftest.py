@@ -47,6 +47,39 @@ def tiny_recipe(tmp_path: Path, *, targets: str = "reveal_path", steps: int = 6,
     return path
 
 
+TINY_ARC_RECIPE = """
+[task]
+name = "arc"
+config = {{ train_subsets = ["{tr}"], test_subset = "{te}", num_augmentations = {aug}{task_extra} }}
+[backbone]
+name = "trm"
+config = {{ hidden_size = 16, num_layers = 1, num_heads = 2, expansion = 2.0, T = 1, n = 1, puzzle_emb_ndim = 16 }}
+[targets]
+name = "reveal_path"
+[supervision]
+n_sup = 2
+{evaluators}
+[train]
+global_batch_size = 8
+steps = {steps}
+threads = 1
+{train_extra}"""
+
+
+def tiny_arc_recipe(path: Path, train_dir: Path, test_dir: Path, *, num_augmentations: int = 2, task_extra: str = "",
+                    evaluators: tuple[str, ...] = ("arc", "exact"), pass_ks: list[int] | None = None, steps: int = 3,
+                    train_extra: str = "") -> Path:
+    """A tiny ARC recipe (D 16, 2 supervision steps) over task folders of JSON files, written to
+    `path`: what the ARC evaluation, inference and adaptation tests train in seconds."""
+    tables = []
+    for name in evaluators:
+        config = f"\nconfig = {{ pass_ks = {pass_ks} }}" if name == "arc" and pass_ks else ""
+        tables.append(f'[[evaluators]]\nname = "{name}"{config}')
+    path.write_text(TINY_ARC_RECIPE.format(tr=train_dir, te=test_dir, aug=num_augmentations, task_extra=task_extra,
+                                           evaluators="\n".join(tables), steps=steps, train_extra=train_extra))
+    return path
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a child `dis` process. In-process trainers leave the launcher's
     variables (RANK, MASTER_PORT, ...) set; a child must not inherit them, or it would join

@@ -13,10 +13,12 @@ submission.json).
 The official code runs from checkouts named by environment variables; nothing of it is copied:
 
     DIS_OFFICIAL_TRM=../TinyRecursiveModels DIS_OFFICIAL_DIS=../Deep-Improvement-Supervision \\
-        python tests/make_official_ckpt.py [--out tests/fixtures/official_ckpt]
+        python tests/make_official_ckpt.py [--out tests/fixtures/official_ckpt] [--only trm_maze ...]
 
 Training runs a few steps of the official `train_batch` (so the weights are not at their
-initial values), on CPU in fp32 with one thread. Two more fixtures: `dis_export_arc`, the reverse
+initial values), on CPU in fp32 with one thread; `trm_maze` (7x7 mazes through the official Maze
+builder) 300 steps, and `trm_arc_solved` (ARC tasks written here, through the official ARC builder)
+600 steps, so that the official evaluation solves one held-out task of three: pass@K > 0. Two more fixtures: `dis_export_arc`, the reverse
 direction (a model trained by `dis run`, exported with `dis export --format official` and
 evaluated by the official TRM code through its own `load_checkpoint`), and `dis_sudoku`, the DIS
 repository's ACTV5 model trained, saved (`step_N.pth`) and evaluated by its own training script. The official modules' unused imports (numba's
@@ -107,6 +109,42 @@ def _build_sudoku(repo: Path, out: Path) -> None:
         sys.path.remove(str(repo / "dataset"))
 
 
+MAZE_SIZE = 7  # 7x7 mazes: seq_len 49
+
+
+def _build_maze(repo: Path, out: Path) -> None:
+    """The official Maze builder on a handful of 7x7 mazes (dis's generator, written in the
+    Maze-Hard CSV layout the builder downloads: S and G kept, the path 'o')."""
+    from dis_plugins.tasks.maze_puzzles import CHARSET, generate_bank
+
+    csvs = out / "csv"
+    csvs.mkdir(parents=True, exist_ok=True)
+    seen: set = set()
+    for split, count, seed in (("train", 12, 0), ("test", 6, 1)):
+        bank, _ = generate_bank(MAZE_SIZE, MAZE_SIZE, count, seed, 4, 0.1, True, seen)
+        seen |= {bytes(q) for q in bank["question"]}
+        with (csvs / f"{split}.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["source", "question", "answer", "rating"])
+            for i, (q, a, n) in enumerate(zip(bank["question"], bank["label"], bank["length"])):
+                w.writerow([f"fixture{i}", "".join(CHARSET[t - 1] for t in q), "".join(CHARSET[t - 1] for t in a), int(n)])
+    hub = types.ModuleType("huggingface_hub")
+    hub.hf_hub_download = lambda repo_id, filename, repo_type=None: str(csvs / filename)  # local CSVs, no download
+    sys.modules["huggingface_hub"] = hub
+    sys.path.insert(0, str(repo / "dataset"))  # the builder imports `common` as a top-level module
+    try:
+        use_repo(repo)
+        sys.modules.pop("build_maze_dataset", None)
+        import importlib
+
+        builder = importlib.import_module("dataset.build_maze_dataset")
+        config = builder.DataProcessConfig(output_dir=str(out / "data"))  # aug off: the README's command
+        for split in ("train", "test"):
+            builder.convert_subset(split, config)
+    finally:
+        sys.path.remove(str(repo / "dataset"))
+
+
 def _build_arc(repo: Path, out: Path) -> None:
     corpus = ROOT / "plugins" / "tasks" / "arc" / "data" / "conceptarc" / "corpus"
     src = out / "src"
@@ -124,6 +162,48 @@ def _build_arc(repo: Path, out: Path) -> None:
     config = builder.DataProcessConfig(input_file_prefix=str(src / "fx"), output_dir=str(out / "data"),
                                        subsets=["training", "evaluation"], test_set_name="evaluation", num_aug=3)
     builder.convert_dataset(config)
+    shutil.rmtree(src)
+
+
+# ARC tasks a tiny model learns on a CPU in a few hundred steps, written here (no corpus needed):
+# name -> how an output grid follows from its input. Copies teach the model to answer with its
+# input; the held-out tasks (their test pairs form the test split) are a copy, which it solves,
+# and a mirror image and a recolouring, which it need not: pass@K then counts solved and unsolved
+# tasks alike.
+ARC_SOLVABLE_TRAIN = {"copy_a": lambda g: g, "copy_b": lambda g: g}
+ARC_SOLVABLE_HELD = {"copy_c": lambda g: g, "mirror": lambda g: g[:, ::-1], "recolour": lambda g: np.where(g > 0, 5, 0)}
+
+
+def _arc_task(rule, rng: np.random.Generator, pairs: int) -> dict:
+    """pairs demonstrations and one test pair of random 3x3..4x4 grids (half the cells black)."""
+    def grid():
+        g = rng.integers(1, 10, size=tuple(rng.integers(3, 5, size=2)))
+        return np.where(rng.random(g.shape) < 0.5, 0, g)
+
+    examples = [(g, rule(g)) for g in (grid() for _ in range(pairs + 1))]
+    as_pair = lambda p: {"input": p[0].tolist(), "output": np.asarray(p[1]).tolist()}  # noqa: E731
+    return {"train": [as_pair(p) for p in examples[:pairs]], "test": [as_pair(examples[-1])]}
+
+
+def _build_arc_solvable(repo: Path, out: Path) -> None:
+    """The official ARC builder on ARC_SOLVABLE_*'s tasks (Kaggle layout, held-out tasks'
+    solutions in their own file), 3 augmentations per task."""
+    rng = np.random.default_rng(7)
+    src = out / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    train = {name: _arc_task(rule, rng, 4) for name, rule in ARC_SOLVABLE_TRAIN.items()}
+    held = {name: _arc_task(rule, rng, 3) for name, rule in ARC_SOLVABLE_HELD.items()}
+    (src / "fx_training_challenges.json").write_text(json.dumps(train))
+    (src / "fx_evaluation_challenges.json").write_text(json.dumps(
+        {n: {"train": t["train"], "test": [{"input": p["input"]} for p in t["test"]]} for n, t in held.items()}))
+    (src / "fx_evaluation_solutions.json").write_text(json.dumps({n: [p["output"] for p in t["test"]] for n, t in held.items()}))
+    use_repo(repo)
+    from dataset import build_arc_dataset as builder
+
+    config = builder.DataProcessConfig(input_file_prefix=str(src / "fx"), output_dir=str(out / "data"),
+                                       subsets=["training", "evaluation"], test_set_name="evaluation", num_aug=3)
+    builder.convert_dataset(config)
+    (out / "tasks.json").write_text(json.dumps({"training": train, "evaluation": held}))  # what the build was made from
     shutil.rmtree(src)
 
 
@@ -186,31 +266,34 @@ class _Compiled(torch.nn.Module):
         return self._orig_mod(*args, **kwargs)
 
 
-def _train_and_evaluate(kind: str, repo: Path, out: Path, arch: dict, evaluators: list, save_outputs: list) -> None:
+def _train_and_evaluate(kind: str, repo: Path, out: Path, arch: dict, evaluators: list, save_outputs: list, *,
+                        steps: int = STEPS, lr: float = 1e-3, batch_size: int = 4, epochs_per_iter: int = 4) -> None:
     use_repo(repo)
     import pretrain
     from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
     from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
     from utils.functions import load_model_class
 
-    config = pretrain.PretrainConfig(**_official_config(kind, arch, str(out / "data"), evaluators).model_dump())
+    config = pretrain.PretrainConfig(**dict(_official_config(kind, arch, str(out / "data"), evaluators).model_dump(),
+                                            global_batch_size=batch_size, lr=lr))
     meta = {}
 
     def loader(split: str, test: bool):
-        ds = PuzzleDataset(PuzzleDatasetConfig(seed=0, dataset_paths=[str(out / "data")], global_batch_size=4,
-                                               test_set_mode=test, epochs_per_iter=4, rank=0, num_replicas=1), split=split)
+        ds = PuzzleDataset(PuzzleDatasetConfig(seed=0, dataset_paths=[str(out / "data")], global_batch_size=batch_size,
+                                               test_set_mode=test, epochs_per_iter=epochs_per_iter, rank=0, num_replicas=1),
+                           split=split)
         meta[split] = ds.metadata
         return ds
 
     train = loader("train", False)
     torch.manual_seed(0)
-    model_cfg = dict(**config.arch.__pydantic_extra__, batch_size=4, vocab_size=meta["train"].vocab_size,
+    model_cfg = dict(**config.arch.__pydantic_extra__, batch_size=batch_size, vocab_size=meta["train"].vocab_size,
                      seq_len=meta["train"].seq_len, num_puzzle_identifiers=meta["train"].num_puzzle_identifiers, causal=False)
     model = load_model_class(config.arch.loss.name)(load_model_class(config.arch.name)(model_cfg), **config.arch.loss.__pydantic_extra__)
     sign_sgd = CastedSparseEmbeddingSignSGD_Distributed(model.model.puzzle_emb.buffers(), lr=0, weight_decay=0.1, world_size=1)
     adamw = torch.optim.AdamW(model.parameters(), lr=0, weight_decay=0.1, betas=(0.9, 0.95))
-    state = pretrain.TrainState(model=model, optimizers=[sign_sgd, adamw], optimizer_lrs=[1e-2, 1e-3], carry=None,
-                                step=0, total_steps=STEPS)
+    state = pretrain.TrainState(model=model, optimizers=[sign_sgd, adamw], optimizer_lrs=[1e-2, lr], carry=None,
+                                step=0, total_steps=steps)
     model.train()
     real_torch = pretrain.torch
     pretrain.torch = _CpuTorch()
@@ -225,7 +308,7 @@ def _train_and_evaluate(kind: str, repo: Path, out: Path, arch: dict, evaluators
 def _train_then_evaluate(pretrain, config, state, train, loader, meta, save_outputs, out: Path) -> dict:
     model = state.model
     for _, batch, gbs in train:
-        if state.step >= STEPS:
+        if state.step >= state.total_steps:
             break
         pretrain.train_batch(config, state, batch, gbs, rank=0, world_size=1)
     # As pretrain.py saves it: the compiled loss head's state dict (keys `_orig_mod.model.inner.*`).
@@ -453,30 +536,50 @@ def _init_gloo() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def record_all(trm: Path, out: Path = FIXTURES, dis: Path | None = None) -> list[Path]:
-    """Every fixture: the official TRM/HRM checkpoints, the dis -> official proof (needs trm_arc,
-    recorded first) and, given a DIS checkout, DIS's own checkpoint."""
+# Arch and training of the trm_arc_solved fixture: enough steps and width that the model copies
+# its input exactly, so the official evaluation solves the held-out copy task (pass@K > 0).
+# One cycle of each level and 2 supervision steps keep 600 steps of 900-token sequences to about
+# a CPU minute.
+ARC_SOLVED = dict(arch=dict(ARCH, hidden_size=32, puzzle_emb_ndim=32, L_layers=1, H_layers=0, puzzle_emb_len=1,
+                            H_cycles=1, L_cycles=1, halt_max_steps=2),
+                  train=dict(steps=600, lr=1e-2, batch_size=4, epochs_per_iter=1000))
+KEEP = ["preds", "q_halt_logits", "puzzle_identifiers"]
+ARC_EVALUATORS = [{"name": "arc@ARC", "pass_Ks": [1, 2, 5]}]
+# name -> (model, dataset builder, arch, official evaluators, outputs kept, training options)
+CASES = {
+    "trm_sudoku": ("trm", _build_sudoku, dict(ARCH, L_layers=1, H_layers=0, puzzle_emb_len=0), [], KEEP, {}),
+    "trm_arc": ("trm", _build_arc, dict(ARCH, L_layers=1, H_layers=0, puzzle_emb_len=2, puzzle_emb_ndim=24), ARC_EVALUATORS, KEEP, {}),
+    "hrm_sudoku": ("hrm", _build_sudoku, dict(ARCH, L_layers=1, H_layers=1), [], KEEP, {}),
+    # 300 steps: the model copies walls, open cells, S and G (not yet the path), so its answers
+    # hold several tokens; 12 mazes in batches of 4 are 3 steps an epoch.
+    "trm_maze": ("trm", _build_maze, dict(ARCH, L_layers=1, H_layers=0, puzzle_emb_len=0), [], KEEP,
+                 dict(steps=300, lr=3e-3, epochs_per_iter=200)),
+    "trm_arc_solved": ("trm", _build_arc_solvable, ARC_SOLVED["arch"], ARC_EVALUATORS, KEEP, ARC_SOLVED["train"]),
+}
+
+
+def record_all(trm: Path, out: Path = FIXTURES, dis: Path | None = None, only: list[str] | None = None) -> list[Path]:
+    """Every fixture (or those named in `only`): the official TRM/HRM checkpoints, the dis ->
+    official proof (needs trm_arc, recorded first) and, given a DIS checkout, DIS's own checkpoint."""
     _stub_unused_imports()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     written = []
+    wanted = lambda name: only is None or name in only  # noqa: E731
     try:
         _init_gloo()
-        cases = {
-            "trm_sudoku": ("trm", _build_sudoku, dict(ARCH, L_layers=1, H_layers=0, puzzle_emb_len=0), [], ["preds", "q_halt_logits", "puzzle_identifiers"]),
-            "trm_arc": ("trm", _build_arc, dict(ARCH, L_layers=1, H_layers=0, puzzle_emb_len=2, puzzle_emb_ndim=24),
-                        [{"name": "arc@ARC", "pass_Ks": [1, 2, 5]}], ["preds", "q_halt_logits", "puzzle_identifiers"]),
-            "hrm_sudoku": ("hrm", _build_sudoku, dict(ARCH, L_layers=1, H_layers=1), [], ["preds", "q_halt_logits", "puzzle_identifiers"]),
-        }
-        for name, (kind, build, arch, evaluators, keep) in cases.items():
+        for name, (kind, build, arch, evaluators, keep, train) in CASES.items():
+            if not wanted(name):
+                continue
             where = out / name
             shutil.rmtree(where, ignore_errors=True)
             where.mkdir(parents=True)
             build(trm, where)
-            _train_and_evaluate(kind, trm, where, arch, evaluators, keep)
+            _train_and_evaluate(kind, trm, where, arch, evaluators, keep, **train)
             written.append(where)
-        written.append(record_dis_export(trm, out))
-        if dis is not None:
+        if wanted("dis_export_arc"):
+            written.append(record_dis_export(trm, out))
+        if dis is not None and wanted("dis_sudoku"):
             written.append(record_dis_official(dis, out))
     finally:
         torch.set_num_threads(threads)
@@ -489,10 +592,12 @@ def main() -> None:
     ap.add_argument("--dis", type=Path, default=os.environ.get("DIS_OFFICIAL_DIS"),
                     help="checkout of Deep-Improvement-Supervision (the dis_sudoku fixture; skipped without it)")
     ap.add_argument("--out", type=Path, default=FIXTURES)
+    ap.add_argument("--only", action="append", metavar="NAME", help="record only this fixture (repeatable): "
+                    + ", ".join([*CASES, "dis_export_arc", "dis_sudoku"]))
     args = ap.parse_args()
     if args.trm is None:
         ap.error("pass --trm or set DIS_OFFICIAL_TRM")
-    for path in record_all(args.trm, args.out, args.dis):
+    for path in record_all(args.trm, args.out, args.dis, args.only):
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         print(f"{path}: {size / 1024:.0f} KiB")
 

@@ -17,7 +17,7 @@ from dis_core.wiring.recipe import load_recipe
 from dis_plugins.tasks.arc import adapt_data
 from dis_plugins.tasks.arc.adapt_data import LeakageError
 
-from conftest import tiny_recipe
+from conftest import tiny_arc_recipe, tiny_recipe
 
 DEMO, TEST_SIDE = 2, 5  # demonstration outputs are 2x2, test outputs 5x5: a leaked output shows by its size
 
@@ -29,28 +29,6 @@ def _grid(rng, side):
 def _task(rng, n_train=3):
     return {"train": [{"input": _grid(rng, 2), "output": _grid(rng, DEMO)} for _ in range(n_train)],
             "test": [{"input": _grid(rng, 2), "output": _grid(rng, TEST_SIDE)}]}
-
-
-RECIPE = """
-[task]
-name = "arc"
-config = {{ train_subsets = ["{tr}"], test_subset = "{te}", num_augmentations = 2 }}
-[backbone]
-name = "trm"
-config = {{ hidden_size = 16, num_layers = 1, num_heads = 2, expansion = 2.0, T = 1, n = 1, puzzle_emb_ndim = 16 }}
-[targets]
-name = "reveal_path"
-[supervision]
-n_sup = 2
-[[evaluators]]
-name = "arc"
-[[evaluators]]
-name = "exact"
-[train]
-global_batch_size = 8
-steps = 3
-threads = 1
-"""
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +47,7 @@ def base(tmp_path_factory):
     (root / "k_test_challenges.json").write_text(json.dumps(
         {n: {"train": t["train"], "test": [{"input": p["input"]} for p in t["test"]]} for n, t in new.items()}))
     (root / "k_test_solutions.json").write_text(json.dumps({n: [p["output"] for p in t["test"]] for n, t in new.items()}))
-    (root / "arc.toml").write_text(RECIPE.format(tr=root / "tr", te=root / "te"))
+    tiny_arc_recipe(root / "arc.toml", root / "tr", root / "te")
     registry = load_registry()
     Trainer(load_recipe(root / "arc.toml", registry), registry, root / "base", data_dir=root / "data").fit(registry)
     return root, registry, new

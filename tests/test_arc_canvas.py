@@ -193,7 +193,9 @@ def test_cpu_recipes_load_and_build(name, tmp_path):
         "task.config.max_train_puzzles_per_subset=2", "task.config.max_test_puzzles=2", "task.config.num_augmentations=1",
         "train.threads=1"])
     cfg = resolved.recipe.task.config
-    assert cfg["canvas"] == 10 and cfg["valid_subset"] == "conceptarc"
+    assert cfg["canvas"] == 6 and cfg["valid_subset"] == "conceptarc"
+    # the held-out test inputs are those of ARC-AGI-1's training tasks; its evaluation tasks are trained on whole
+    assert cfg["test_subset"] == "arc1/training" and cfg["train_subsets"] == ["arc1/evaluation"]
     rows = check_recipe(resolved, registry, data_dir=tmp_path / "data", batch_size=2)
     bad = [r for r in rows if not r.ok]
     assert not bad, bad

@@ -3,7 +3,8 @@
 The fixtures in tests/fixtures/official_ckpt/ were recorded by tests/make_official_ckpt.py from
 the official TRM code (its dataset builders, a few steps of its `train_batch`, its checkpoint
 format with `_orig_mod.` keys and its own `evaluate` with the ARC evaluator): TRM on Sudoku, TRM
-on an ARC subset (two held-out tasks x 4 variants, official identifiers), HRM on Sudoku; and from
+on an ARC subset (two held-out tasks x 4 variants, official identifiers), TRM on a second ARC
+subset that the official model partly solves (pass@K 1/3), TRM on 7x7 mazes, HRM on Sudoku; and from
 the DIS repository's own training script: its ACTV5 model on Sudoku (`step_80.pth`). dis imports
 each one and must give the official per-example predictions exactly and the halting logits
 within rounding, and on ARC the same votes: submission.json identical, the same pass@K.
@@ -32,7 +33,8 @@ from dis_core.tools import checkpoint_io
 from dis_core.tools.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_ckpt"
-CASES = ["trm_sudoku", "trm_arc", "hrm_sudoku", "dis_sudoku"]
+CASES = ["trm_sudoku", "trm_arc", "hrm_sudoku", "dis_sudoku", "trm_maze", "trm_arc_solved"]
+ARC_CASES = ["trm_arc", "trm_arc_solved"]
 sys.path.insert(0, str(Path(__file__).parent))
 import make_official_ckpt  # noqa: E402  -- the generator: its tensor digests (no official code is imported)
 
@@ -92,13 +94,81 @@ def test_imported_checkpoint_predicts_as_the_official_evaluation(name, imported)
     assert metrics["exact/accuracy"] == pytest.approx(rec["metrics"]["all"]["accuracy"], abs=1e-6)
 
 
-def test_arc_votes_and_submission_match_the_official_evaluator(imported, tmp_path):
-    rec = official("trm_arc")
-    assert main(["eval", str(imported["trm_arc"]), "--out", str(tmp_path / "ev")]) == 0
+@pytest.mark.parametrize("name", ARC_CASES)
+def test_arc_votes_and_submission_match_the_official_evaluator(name, imported, tmp_path):
+    rec = official(name)
+    assert main(["eval", str(imported[name]), "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
     for k in (1, 2, 5):
         assert metrics[f"arc/pass@{k}"] == rec["metrics"][f"ARC/pass@{k}"]
     assert json.loads((tmp_path / "ev" / "arc" / "submission.json").read_text()) == rec["submission"]
+    assert metrics["exact/exact_accuracy"] == pytest.approx(rec["metrics"]["all"]["exact_accuracy"])
+
+
+def test_arc_solved_fixture_makes_the_equality_non_trivial():
+    """trm_arc_solved: the official evaluation solves a held-out task (the copy) and not the
+    others, so the pass@K and submission.json that dis must reproduce are neither all right nor
+    all wrong."""
+    rec = official("trm_arc_solved")
+    assert 0 < rec["metrics"]["ARC/pass@1"] < 1 and 0 < rec["metrics"]["ARC/pass@2"] < 1
+    assert 0 < rec["metrics"]["all"]["exact_accuracy"] < 1
+    tasks = json.loads((FIXTURES / "trm_arc_solved" / "data" / "test_puzzles.json").read_text())
+    solutions = json.loads((FIXTURES / "trm_arc_solved" / "tasks.json").read_text())["evaluation"]
+    solved = {t for t, attempts in rec["submission"].items()
+              if any(a == solutions[t]["test"][0]["output"] for a in attempts[0].values())}
+    assert solved and solved != set(tasks)
+
+
+@pytest.mark.parametrize("name", ["trm_arc_solved", "trm_maze"])
+def test_prediction_margins_are_safe_across_cpus(name, imported):
+    """Predictions are compared exactly above: that holds on any x86 CPU only if no cell's best
+    two logits are within fp32 rounding (~1e-5 here). The recorded fixtures leave a wide gap."""
+    model = dis_core.load(imported[name], device="cpu")
+    seen = []
+    hook = model.backbone.register_forward_hook(lambda mod, args, out: seen.append(out[1].detach()))
+    try:
+        predictions(model)
+    finally:
+        hook.remove()
+    top2 = seen[-1].float().topk(2, dim=-1).values  # the last step's logits (B, L, 2)
+    assert (top2[..., 0] - top2[..., 1]).min().item() > 1e-3
+
+
+def test_maze_checkpoint_maps_to_the_maze_task(imported, tmp_path):
+    """An official Maze build (tokens "# SGo" = 1..5, as dis's) becomes task `maze` on the
+    Maze-Hard CSV layout; `dis eval` gives the official token and exact accuracy, and the maze
+    evaluator agrees on exact accuracy."""
+    import tomllib
+
+    run = imported["trm_maze"]
+    recipe = tomllib.loads((run / "recipe.toml").read_text())
+    assert recipe["task"] == {"name": "maze", "config": {"rows": 7, "cols": 7, "csv_test": "data/test.csv",
+                                                         "csv_train": "data/test.csv"}}
+    # The CSV dis reads back holds the official test arrays, token for token.
+    model = dis_core.load(run, device="cpu")
+    split = model.task.dataset("test")
+    batch = split.get(np.arange(len(split)))
+    data = FIXTURES / "trm_maze" / "data" / "test"
+    assert np.array_equal(batch["inputs"], np.load(data / "all__inputs.npy"))
+    assert np.array_equal(batch["labels"], np.load(data / "all__labels.npy"))
+    rec = official("trm_maze")
+    assert main(["eval", str(run), "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    assert metrics["exact/accuracy"] == pytest.approx(rec["metrics"]["all"]["accuracy"], abs=1e-6)
+    assert metrics["exact/exact_accuracy"] == metrics["maze/exact_accuracy"] == pytest.approx(rec["metrics"]["all"]["exact_accuracy"])
+    assert metrics["maze/count"] == len(split) == 6
+    # A model that answers with walls, open cells, S and G, not a constant.
+    assert {1, 2, 3, 4} <= set(np.unique(predictions(model)[0]).tolist())
+
+
+def test_maze_data_that_is_not_a_maze_build_is_a_data_error(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "trm_maze", src, ignore=shutil.ignore_patterns("official_eval.pt"))
+    inputs = np.load(src / "data" / "test" / "all__inputs.npy")
+    inputs[0, 0] = 5  # 'o' in a question
+    np.save(src / "data" / "test" / "all__inputs.npy", inputs)
+    with pytest.raises(UserError, match=r"all__inputs.npy: tokens outside 1..4 \('# SG'\)"):
+        checkpoint_io.import_official(src, tmp_path / "run", data=src / "data")
 
 
 def test_arc_identifiers_are_the_official_table(imported):

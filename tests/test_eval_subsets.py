@@ -5,43 +5,25 @@ full evaluation votes on what it covers, with a time estimate, and resumable aft
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import signal
 
 import numpy as np
 import pytest
 import torch
 
+from dis_core.contract.errors import UserError
 from dis_core.loop import evaluation
 from dis_core.loop.trainer import Trainer
 from dis_core.tools.cli import main
 from dis_core.wiring.recipe import load_recipe
 from dis_plugins.tasks.arc.evaluator import EXACT_BITS, exact
 
-TEST_TASKS = ["e1", "e2", "e3", "e4"]
+from conftest import tiny_arc_recipe
 
-RECIPE = """
-[task]
-name = "arc"
-config = {{ train_subsets = ["{tr}"], test_subset = "{te}", num_augmentations = 3, translate = false }}
-[backbone]
-name = "trm"
-config = {{ hidden_size = 16, num_layers = 1, num_heads = 2, expansion = 2.0, T = 1, n = 1, puzzle_emb_ndim = 16 }}
-[targets]
-name = "reveal_path"
-[supervision]
-n_sup = 2
-[[evaluators]]
-name = "arc"
-config = {{ pass_ks = [1, 2] }}
-[[evaluators]]
-name = "exact"
-[train]
-global_batch_size = 8
-eval_batch_size = 4
-steps = 3
-threads = 1
-"""
+TEST_TASKS = ["e1", "e2", "e3", "e4"]
 
 
 def _task(rng, n_test):
@@ -61,7 +43,8 @@ def run(tmp_path_factory):
         (root / folder).mkdir()
         for n in names:
             (root / folder / f"{n}.json").write_text(json.dumps(_task(rng, 2 if n == "e2" else 1)))
-    (root / "arc.toml").write_text(RECIPE.format(tr=root / "tr", te=root / "te"))
+    tiny_arc_recipe(root / "arc.toml", root / "tr", root / "te", num_augmentations=3, task_extra=", translate = false",
+                    pass_ks=[1, 2], train_extra="eval_batch_size = 4")
     registry = load_registry()
     Trainer(load_recipe(root / "arc.toml", registry), registry, root / "run", data_dir=root / "data").fit(registry)
     return root
@@ -278,3 +261,192 @@ def test_resume_without_out_continues_the_newest_unfinished_evaluation(run, tmp_
     assert _metrics(left)["resumed_batches"] == 1 and _metrics(left)["coverage"]["tasks"] == ["e2"]
     assert main([*args, "--resume"]) == 2  # nothing left unfinished
     assert "no unfinished evaluation" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ partial results under torchrun
+
+# Run under torchrun instead of `dis_core.cli`: the kill of a rank as its batch STOP[rank] ends,
+# once rank 0 has batch 2 on disk, so that the files left behind are known (rank 0: batches 0-2,
+# rank 1: batch 0) whenever torchrun stops the other rank.
+STOPPER = """
+import sys, time
+from dis_core.loop import evaluation
+from dis_core.tools.cli import main
+
+STOP = {0: 3, 1: 1}
+real_save = evaluation.PartialResults.save
+
+
+def dying(self, b, states):
+    if b == STOP[self.rank]:
+        deadline = time.monotonic() + 120
+        while not (self.folder / "batch_000002.rank0.pkl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+    real_save(self, b, states)
+
+
+evaluation.PartialResults.save = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+# Rank 1's default folder would be another eval-<time>.
+LATE = """
+import os, sys, types
+from dis_core.tools import inference_cli
+from dis_core.tools.cli import main
+
+if os.environ["RANK"] == "1":
+    inference_cli.time = types.SimpleNamespace(strftime=lambda fmt: "19990101-000000")
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _torchrun(run, out, *extra, script: str | None = None, logs=None, source=None):
+    """`dis eval` in two gloo processes (of `source`, default the run; without `out`, into the
+    default RUN/eval-<time>); with `logs`, each rank's output goes to a file there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ROOT, subprocess_env
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    launch = [torchrun, "--standalone", "--nproc_per_node", "2", *(["--log-dir", str(logs), "--redirects", "3"] if logs else [])]
+    target = [script] if script else ["-m", "dis_core.cli"]
+    where = ["--out", str(out)] if out is not None else []
+    cmd = [*launch, *target, "eval", str(source or run / "run"), *where, "--data-dir", str(run / "data"), *extra]
+    # A session of its own: a hang is ended with its workers, not by killing torchrun alone.
+    proc = subprocess.Popen(cmd, cwd=run, env=subprocess_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _rank_files(out) -> list[str]:
+    return sorted(p.name for p in (out / "partial").glob("batch_*"))
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_evaluation_resumes_to_the_uninterrupted_result(run, tmp_path, capsys):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = _torchrun(run, straight)  # 20 examples, 5 batches of 4: 2 per rank
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _metrics(straight)["world_size"] == 2 and _metrics(straight)["resumed_batches"] == 0
+    assert _rank_files(straight) == [f"batch_{b:06d}.rank{r}.pkl" for b in range(5) for r in (0, 1)]
+
+    (tmp_path / "stopper.py").write_text(STOPPER)
+    stopped = _torchrun(run, killed, script=str(tmp_path / "stopper.py"))
+    assert stopped.returncode != 0
+    assert not (killed / "metrics.json").exists()
+    assert _rank_files(killed) == ["batch_000000.rank0.pkl", "batch_000000.rank1.pkl", "batch_000001.rank0.pkl",
+                                   "batch_000002.rank0.pkl"]
+    kept = {name: (killed / "partial" / name).stat() for name in _rank_files(killed)}
+
+    again = _torchrun(run, killed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    # Batch 0 is on both ranks' disks: skipped. Rank 0 keeps its batches 1 and 2 as they were.
+    assert "16 example(s) to evaluate in 4 batch(es) of 4 (1 batch(es) done before" in again.stderr
+    for name, before in kept.items():
+        after = (killed / "partial" / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
+    a, b = _metrics(straight), _metrics(killed)
+    assert a["metrics"] == b["metrics"] and b["resumed_batches"] == 1 and b["world_size"] == 2
+    assert (straight / "arc" / "submission.json").read_bytes() == (killed / "arc" / "submission.json").read_bytes()
+    # The ARC votes are exact whoever counted them: the two processes' are the lone process's.
+    lone = tmp_path / "lone"
+    assert _eval(run, lone) == 0
+    assert _votes(lone) == _votes(straight)
+
+    # Another number of processes, or another setting, is refused by every rank, naming the
+    # manifest and the key, and writes nothing.
+    before = _rank_files(killed)
+    capsys.readouterr()
+    assert _eval(run, killed) == 2
+    err = capsys.readouterr().err
+    assert str(killed / "partial" / "manifest.json") in err and "world_size" in err and "Traceback" not in err
+    refused = _torchrun(run, killed, "--batch-size", "2", logs=tmp_path / "logs")
+    assert refused.returncode != 0
+    rank_errs = sorted((tmp_path / "logs").rglob("stderr.log"))
+    assert len(rank_errs) == 2
+    for path in rank_errs:
+        text = path.read_text()
+        assert str(killed / "partial" / "manifest.json") in text and "batch_size" in text and "Traceback" not in text, text[-2000:]
+    assert "exitcode  : 2" in refused.stderr or "exitcode: 2" in refused.stderr, refused.stderr[-3000:]
+    assert _rank_files(killed) == before and _metrics(killed)["metrics"] == a["metrics"]
+
+    # Without --out, the ranks write into rank 0's RUN/eval-<time>, even when rank 1's clock
+    # names another second.
+    copy = tmp_path / "copy"
+    shutil.copytree(run / "run", copy, ignore=shutil.ignore_patterns("eval-*"))
+    (tmp_path / "late.py").write_text(LATE)
+    done = _torchrun(run, None, "--tasks", "e2", source=copy, script=str(tmp_path / "late.py"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (default,) = copy.glob("eval-*")
+    assert _rank_files(default) == [f"batch_00000{b}.rank{r}.pkl" for b in range(2) for r in (0, 1)]
+    assert _metrics(default)["coverage"]["tasks"] == ["e2"]
+
+
+def test_partial_results_of_another_number_of_processes_are_refused(run, tmp_path, capsys):
+    out = tmp_path / "w"
+    assert _eval(run, out, "--tasks", "e1") == 0
+    manifest = out / "partial" / "manifest.json"
+    # As a two-process evaluation leaves it: the same, but for the number of processes.
+    saved = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**saved, "world_size": 2}))
+    before = sorted(p.name for p in (out / "partial").iterdir())
+    capsys.readouterr()
+    assert _eval(run, out, "--tasks", "e1") == 2
+    err = capsys.readouterr().err
+    assert str(manifest) in err and "differs in world_size" in err and "another number of processes" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (out / "partial").iterdir()) == before
+
+
+class _RankZeroOfTwo:
+    """`evaluation.dist` as rank 0 of two processes sees it, the other rank's part given."""
+
+    def __init__(self, other_done: set[int], other_parts: list):
+        self.other_done, self.other_parts = other_done, other_parts
+
+    def rank(self) -> int:
+        return 0
+
+    def world_size(self) -> int:
+        return 2
+
+    def all_reduce_sum(self, t):
+        if t.numel() == 1:  # a verdict: the other rank agrees
+            return t
+        return t + torch.tensor([int(b in self.other_done) for b in range(len(t))], dtype=t.dtype)
+
+    def gather_objects(self, obj):
+        return [obj, self.other_parts]
+
+
+def test_ranks_skip_only_what_all_have_and_merge_batch_by_batch(tmp_path, monkeypatch):
+    # The bookkeeping of the two-process test above, without processes: rank 0 got to batch 3
+    # before the kill, rank 1 to batch 1.
+    monkeypatch.setattr(evaluation, "dist", _RankZeroOfTwo({0}, [f"r1b{b}" for b in range(4)]))
+    partial = evaluation.PartialResults(tmp_path / "partial", {"world_size": 2})
+    for b in range(3):
+        partial.save(b, f"r0b{b}")
+    assert sorted(p.name for p in (tmp_path / "partial").glob("batch_*")) == [f"batch_00000{b}.rank0.pkl" for b in range(3)]
+    assert partial.done() == {0, 1, 2}
+    assert partial.done_everywhere(4) == {0} and partial.reused == 1
+    partial.save(3, "r0b3")
+    # The order a lone process meets the examples in: batch by batch, rank 0's slice first.
+    assert partial.merged(4) == ["r0b0", "r1b0", "r0b1", "r1b1", "r0b2", "r1b2", "r0b3", "r1b3"]
+    (tmp_path / "partial" / "batch_000009.rank0.pkl").write_bytes(b"")  # put there by hand
+    with pytest.raises(UserError, match=r"batch_000009\.rank0\.pkl: a batch this evaluation does not have"):
+        partial.done_everywhere(4)
+    # Another rank's verdict reaches this one: it stops too, naming the manifest.
+    monkeypatch.setattr(evaluation.dist, "all_reduce_sum", lambda t: t + 1)
+    with pytest.raises(UserError, match="manifest.json: another process refused"):
+        evaluation.PartialResults(tmp_path / "partial", {"world_size": 2})

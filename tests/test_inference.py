@@ -17,7 +17,7 @@ from dis_core.tools import cli
 from dis_core.wiring.recipe import load_recipe
 from dis_core.loop.trainer import Trainer
 
-from conftest import ROOT, subprocess_env, tiny_recipe
+from conftest import ROOT, subprocess_env, tiny_arc_recipe, tiny_recipe
 
 
 def _train(tmp_path, registry, overrides=(), name="run"):
@@ -262,25 +262,7 @@ def test_arc_kaggle_challenges_as_the_test_source_write_a_submission(tmp_path, r
     solutions = {n: [p["output"] for p in tasks[n]["test"]] for n in folders["te"]}
     (tmp_path / "k_evaluation_challenges.json").write_text(json.dumps(challenges))
     (tmp_path / "k_evaluation_solutions.json").write_text(json.dumps(solutions))
-    recipe = tmp_path / "arc.toml"
-    recipe.write_text(f"""
-[task]
-name = "arc"
-config = {{ train_subsets = ["{tmp_path / 'tr'}"], test_subset = "{tmp_path / 'te'}", num_augmentations = 2 }}
-[backbone]
-name = "trm"
-config = {{ hidden_size = 16, num_layers = 1, num_heads = 2, expansion = 2.0, T = 1, n = 1, puzzle_emb_ndim = 16 }}
-[targets]
-name = "reveal_path"
-[supervision]
-n_sup = 2
-[[evaluators]]
-name = "arc"
-[train]
-global_batch_size = 8
-steps = 4
-threads = 1
-""")
+    recipe = tiny_arc_recipe(tmp_path / "arc.toml", tmp_path / "tr", tmp_path / "te", evaluators=("arc",), steps=4)
     out = tmp_path / "run"
     summary = Trainer(load_recipe(recipe, registry), registry, out, data_dir=tmp_path / "data").fit(registry)
     kaggle = tmp_path / "k_evaluation_challenges.json"

@@ -341,3 +341,21 @@ def test_gpu_estimates_scale_the_published_figures():
     assert found["hours"] == {1: pytest.approx(80.0), 4: pytest.approx(20.0), 8: pytest.approx(10.0)}
     assert list(preflight._gpus(compact, compact.flops, None, batch=4, fixed=0)["hours"]) == [1, 4]  # 8 GPUs cannot split 4 slots
     assert found["anchor"] == "arc1_compact: 40 h on 4 H100, the DIS paper"
+
+
+def test_the_time_line_says_what_the_probe_cannot_see(tmp_path, registry, monkeypatch):
+    """An eager probe of a compiled run, and a probe on a CPU others keep busy, both read long:
+    the preflight says so under its time line instead of presenting the figure as exact."""
+    monkeypatch.setattr(preflight, "busy_cpu", lambda: None)
+    quiet = _plan(tmp_path, registry)
+    assert quiet.caveats == [] and not any(line.startswith("            (") for line in preflight.report(quiet))
+    compiled = _plan(tmp_path, registry, ["train.compile=true"])
+    assert len(compiled.caveats) == 1 and "probe ran eager" in compiled.caveats[0]
+    assert any("train.compile" in line for line in preflight.report(compiled))
+    monkeypatch.undo()
+    assert preflight.busy_cpu(cores=2, load=2.4) is None  # a probe's own thread on a quiet 2-core machine
+    busy = preflight.busy_cpu(cores=2, load=5.5)
+    assert busy is not None and "load 5.5 on 2 core(s)" in busy
+    monkeypatch.setattr(preflight, "busy_cpu", lambda: busy)
+    loaded = _plan(tmp_path, registry)
+    assert loaded.caveats == [busy] and f"            ({busy})" in preflight.report(loaded)

@@ -326,7 +326,7 @@ def test_the_old_study_script_is_gone_and_the_pages_say_which_study_makes_them()
     for p in [*ROOT.glob("docs/**/*.md"), *ROOT.glob("*.md"), *ROOT.glob("recipes/*.toml"), *ROOT.glob("benchmarks/*.py")]:
         assert "python benchmarks/study.py" not in p.read_text(), p  # no command runs it any more
     for page, study in [("nqueens_cpu", "nqueens_dis_vs_trm"), ("sudoku_cpu", "sudoku_dis_vs_trm"),
-                        ("nqueens_solver_edits", "nqueens_solver_edits")]:
+                        ("nqueens_solver_edits", "nqueens_solver_edits"), ("arc_cpu", "arc1_cpu_dis_vs_trm")]:
         assert f"Reproduce: `dis study studies/{study}.toml" in (ROOT / "docs" / "results" / f"{page}.md").read_text()
 
 

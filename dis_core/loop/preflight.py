@@ -140,6 +140,7 @@ class Preflight:
     problem: str | None = None  # why the run cannot fit, and the setting that makes it fit
     note: str | None = None  # a run far too long for this machine: the recipe meant for it
     unmeasured: str | None = None  # why memory and time were not measured (train.preflight = false, a failing probe)
+    caveats: list = attrs.field(factory=list)  # why the time estimate may read long or short (busy CPU, eager probe)
 
     def as_dict(self) -> dict:
         return attrs.asdict(self)
@@ -232,6 +233,7 @@ def plan(resolved, solver, *, world: int = 1, local_processes: int | None = None
               "activations_per_slot": measured.train.per_slot, "evaluation": measured.evaluation.at(eval_rank),
               "evaluators": evaluators, "training_peak": train_need(micro), "evaluation_peak": eval_need(micro, eval_rank)}
     note = None
+    caveats = time_caveats(device, compiled=bool(train.compile))
     if device.type == "cpu" and seconds["total"] > 86400:
         note = (f"{in_words(seconds['total'])} on this CPU: the recipe is meant for GPUs; on this machine use "
                 f"{cpu_recipe(resolved)}")
@@ -239,7 +241,36 @@ def plan(resolved, solver, *, world: int = 1, local_processes: int | None = None
     return Preflight(**common, micro_batch=micro, accumulation=share // micro, eval_batch=eval_rank * world,
                      memory={k: int(v) for k, v in memory.items()}, needed=int(needed), available=available,
                      available_source=source, seconds=seconds, gpus=gpus, probe_seconds=measured.seconds,
-                     problem=problem, note=note)
+                     problem=problem, note=note, caveats=caveats)
+
+
+def busy_cpu(cores: int | None = None, load: float | None = None) -> str | None:
+    """A CPU already busy when the probe ran (1-minute load average above its cores): the timed
+    probe then shares the cores, and its time reads long by about the share the others take."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not on every platform
+            return None
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load <= cores + 0.5:  # this process's own thread(s) count in the load too
+        return None
+    return (f"the CPU was busy during the probe (1-minute load {load:.1f} on {cores} core(s)): the time reads long by "
+            f"about the share other work takes, and holds only while it runs")
+
+
+def time_caveats(device: torch.device, *, compiled: bool) -> list[str]:
+    """What the probe's time estimate cannot see. The probe runs the backbone eager (compiling
+    would cost it tens of seconds), so with `train.compile` the steps run faster than probed
+    once compiled; the progress bar's ETA, from the steps themselves, then says by how much."""
+    found = []
+    if compiled:
+        found.append("the probe ran eager; with train.compile the compiled steps are faster (1.1-1.6x on the CPU "
+                     "recipes, docs/results/throughput_cpu.md), after tens of seconds of compiling; the progress bar's ETA says")
+    if device.type == "cpu" and (busy := busy_cpu()):
+        found.append(busy)
+    return found
 
 
 def _problem(needed, available, source, *, micro, share, train_need, eval_need, eval_rank, world, fits, base, table) -> str:
@@ -343,6 +374,7 @@ def report(pf: Preflight, *, note: bool = True) -> list[str]:
         step = f"{s['step']:.3g}" if s["step"] < 100 else f"{s['step']:,.0f}"
         lines.append(f"time        {in_words(s['total'])} on {where} ({step} s a step; evaluation {100 * share:.0f}% of it), "
                      f"by a probe of {pf.probe_seconds:.1f} s")
+        lines.extend(f"            ({caveat})" for caveat in pf.caveats)
     else:
         lines.append(f"memory      not measured ({pf.unmeasured}): {split} per step, evaluation batch {pf.eval_batch}")
     if pf.gpus:

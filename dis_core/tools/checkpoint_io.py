@@ -234,7 +234,8 @@ def _task_from_data(cfg: dict, data: Path | None, run_dir: Path, m_unmapped: dic
     """([task] table, [[evaluators]], data facts) for the dataset directory the official run
     trained on. ARC reads the official build itself (`reference_dir`), so the puzzle
     identifiers are the official ones row for row; Sudoku's test (and train) arrays are written
-    as dis's Sudoku CSV layout (tokens are digit + 1 on both sides, 1 = blank)."""
+    as dis's Sudoku CSV layout (tokens are digit + 1 on both sides, 1 = blank), Maze's as the
+    Maze-Hard CSV layout (the same tokens "# SGo" = 1..5 on both sides)."""
     import numpy as np
 
     if data is None:
@@ -277,8 +278,48 @@ def _task_from_data(cfg: dict, data: Path | None, run_dir: Path, m_unmapped: dic
             config["csv_train"] = config["csv_test"]
             m_unmapped["data.train"] = f"{data / 'train'} holds no arrays: the train split is the test CSV (fine-tune with --set task.config.csv_train=...)"
         return {"name": "sudoku", "config": config}, [{"name": "sudoku"}, {"name": "exact"}], facts
+    side = int(round(meta["seq_len"] ** 0.5))
+    if meta["vocab_size"] == 6 and side * side == meta["seq_len"] and side >= 3:
+        return _maze_task(data, side, run_dir, m_unmapped), [{"name": "maze"}, {"name": "exact"}], facts
     raise DataError(f"{data}: a dataset of seq_len {meta['seq_len']}, vocab {meta['vocab_size']}: dis imports ARC "
-                    f"(900, 12) and Sudoku (81, 11) data; for another task write the recipe's [task] by hand")
+                    f"(900, 12), Sudoku (81, 11) and Maze (a square N*N, 6) data; for another task write the recipe's "
+                    f"[task] by hand")
+
+
+def _maze_task(data: Path, side: int, run_dir: Path, m_unmapped: dict) -> dict:
+    """The official Maze build (`build_maze_dataset.py`: tokens 1..5 = "# SGo", as dis's, square
+    grids, puzzle id 0) -> dis's Maze-Hard CSV layout under RUN_DIR/data/, read by task `maze`."""
+    import numpy as np
+
+    charset = "# SGo"  # the official builder's CHARSET, token = index + 1; dis's maze task uses the same
+    out = run_dir / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    config: dict = {"rows": side, "cols": side}
+    for split in ("test", "train"):
+        if not (data / split / "all__inputs.npy").is_file():
+            continue
+        q, a = (np.load(data / split / f"all__{k}.npy") for k in ("inputs", "labels"))
+        for arr, file, top, chars in ((q, "inputs", 4, "# SG"), (a, "labels", 5, "# SGo")):
+            if arr.min() < 1 or arr.max() > top:
+                raise DataError(f"{data / split / f'all__{file}.npy'}: tokens outside 1..{top} ({chars!r}); not a "
+                                f"maze built by the official Maze builder")
+        ends = (q == 3) | (q == 4)
+        if (ends & (a != q)).any():
+            # dis's maze task keeps S and G in its labels; the official labels are the CSV's as given.
+            m_unmapped["data.labels"] = (f"{data / split}: labels mark S or G as 'o'; dis keeps S and G, so exact "
+                                         f"accuracy counts those cells otherwise than the official loss head")
+        with (out / f"{split}.csv").open("w") as f:
+            f.write("source,question,answer,rating\n")
+            for i, (qi, ai) in enumerate(zip(q, a)):
+                f.write(f"{split}{i},{''.join(charset[t - 1] for t in qi)},{''.join(charset[t - 1] for t in ai)},0\n")
+        config[f"csv_{split}"] = f"data/{split}.csv"
+    if "csv_test" not in config:
+        raise DataError(f"{data / 'test'}: no all__inputs.npy")
+    if "csv_train" not in config:
+        config["csv_train"] = config["csv_test"]
+        m_unmapped["data.train"] = (f"{data / 'train'} holds no arrays: the train split is the test CSV "
+                                    f"(fine-tune with --set task.config.csv_train=...)")
+    return {"name": "maze", "config": config}
 
 
 def sha256(path: Path) -> str:

@@ -376,8 +376,9 @@ class Model:
         `tasks` / `num_aug` evaluate part of the split, through the task's `eval_subset` (ARC: test
         tasks by id or the first N, the original plus `num_aug` augmentations of each test pair);
         the metrics then hold `coverage/*` and metrics.json the task ids. `resumable` (with
-        `out_dir`, in a lone process): per-batch partial results under `out_dir/partial/`, reused
-        by a rerun with the same weights and settings (see `evaluation.PartialResults`);
+        `out_dir`, the same on every rank): per-batch partial results under `out_dir/partial/`,
+        reused by a rerun with the same weights, settings and number of processes (see
+        `evaluation.PartialResults`);
         `report(line)` is told the size of the job and its time estimate."""
         from dis_core.loop import evaluation
 
@@ -403,13 +404,12 @@ class Model:
         size = len(dataset) if limit is None else min(len(dataset), limit)
         coverage = {**(coverage or {"examples_total": len(dataset)}), "examples": size}
         partial = None
-        if resumable and out is not None and rank == 0 and dist.world_size() == 1:
-            partial = evaluation.PartialResults(out / "partial", self._identity(dataset, size, batch_size, limit))
+        if resumable and out is not None:  # every rank: each keeps its own slices of the batches
+            partial = evaluation.PartialResults(out / "partial", self._identity(dataset, size, batch_size, limit), device=self.device)
 
         def ev_dir(name: str) -> Path | None:
             return None if out is None else out / name  # created by an evaluator that writes
 
-        resumed = len(partial.done()) if partial is not None else 0
         started = time.perf_counter()
         metrics = evaluation.evaluate(
             self.solver, dataset, batch_size=batch_size,
@@ -432,7 +432,7 @@ class Model:
             record = {"checkpoint": str(self.checkpoint), "step": self.step, "weights": self.weights,
                       "overrides": list(self.overrides), "world_size": dist.world_size(), "precision": self.solver.precision,
                       "wall_time_s": time.perf_counter() - started, "coverage": coverage,
-                      "resumed_batches": resumed, "metrics": metrics}
+                      "resumed_batches": partial.reused if partial is not None else 0, "metrics": metrics}
             atomic_write(out / "metrics.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
             if trajectories:
                 self.draw_trajectories(trajectories, out / "trajectories", dataset=dataset, examples=examples)
@@ -456,7 +456,8 @@ class Model:
 
     def _identity(self, dataset, size: int, batch_size: int, limit: int | None) -> dict:
         """What a batch's result depends on, for `evaluation.PartialResults`: the weights, the
-        recipe as resolved, the batching, and the examples themselves (their ids and inputs)."""
+        recipe as resolved, the batching (and the number of processes, which slices each batch),
+        and the examples themselves (their ids and inputs)."""
         import hashlib
 
         # Every example of a small split; of a large one (rendering all would take minutes) the
@@ -469,7 +470,9 @@ class Model:
                 if key in arrays:
                     examples.update(np.ascontiguousarray(arrays[key]).tobytes())
         recipe = hashlib.sha256((self.run_dir / "recipe.toml").read_bytes() + repr(self.overrides).encode()).hexdigest()
-        return {"weights_sha256": self.weights_digest(), "step": self.step, "weights": self.weights,
+        # `world_size` only under a launcher: a lone process's manifests, written before it was kept, still match.
+        world = {"world_size": dist.world_size()} if dist.world_size() > 1 else {}
+        return {**world, "weights_sha256": self.weights_digest(), "step": self.step, "weights": self.weights,
                 "recipe_sha256": recipe, "overrides": list(self.overrides), "precision": self.solver.precision,
                 "device": self.device.type, "batch_size": batch_size, "limit": limit, "examples": size,
                 "examples_sha256": examples.hexdigest(), "evaluators": sorted(self.evaluators),

@@ -116,6 +116,20 @@ def _eval_out(args, run_dir: Path) -> Path:
     return run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _rank0_folder(out: Path) -> Path:
+    """Rank 0's folder on every rank of a launch: each rank writes its own partial results
+    there, and a default eval-<time> differs between processes started a second apart."""
+    from dis_core.loop import engine as dist
+
+    if dist.world_size() == 1:
+        return out
+    import torch.distributed
+
+    box = [str(out)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
 def cmd_eval(args) -> int:
     from dis_core.tools.inference import load
     from dis_core.contract.metrics import is_per_step
@@ -134,6 +148,8 @@ def cmd_eval(args) -> int:
     trajectories.Choice.parse(args.examples)  # a bad --examples stops here, before the model loads
     model = load(args.source, set_overrides=args.overrides, data_dir=args.data_dir, weights=args.weights)
     out = _eval_out(args, model.run_dir)
+    if args.out is None:
+        out = _rank0_folder(out)
     if out.exists() and not out.is_dir():
         from dis_core.contract.errors import UserError
 
