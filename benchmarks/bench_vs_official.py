@@ -186,6 +186,22 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def profile_ops(label: str, step, n: int, rows: int = 12) -> None:
+    """What a step spends its time on, op by op: torch.profiler's self CPU time of each op over
+    `n` steps (a compiled region's fused kernels count as their own rows), the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    print(f"  profile of {label} ({n} steps; self CPU time, share of the profiled total):")
+    for e in events[:rows]:
+        print(f"    {100 * e.self_cpu_time_total / total:5.1f}%  {e.self_cpu_time_total / 1e3 / n:8.1f} ms a step  "
+              f"x{e.count // n:<5d} {e.key[:90]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trm", type=Path, required=True, help="checkout of SamsungSAILMontreal/TinyRecursiveModels")
@@ -194,6 +210,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per side and round (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time dis in bf16 with train.compile = true")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile N steps of each dis side: the ops by their own CPU time, a share of the step each")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     prepare(cpu=DEVICE == "cpu")
@@ -225,6 +243,10 @@ def main() -> None:
                 gf = flops / med / 1e9
                 peak = peaks["bf16" if "bf16" in label else "fp32"]
                 print(f"  {label:17s} {med * 1e3:8.1f} ms  {base / med:5.2f}x official  {gf:6.1f} GFLOP/s = {100 * gf / peak:3.0f}% of the {'bf16' if 'bf16' in label else 'fp32'} peak")
+            if args.profile:
+                for label, step in sides.items():
+                    if label.startswith("dis"):
+                        profile_ops(label, step, args.profile)
     print(f"\nload at the end {os.getloadavg()[0]:.2f} (figures from a busy machine are not comparable)")
 
 

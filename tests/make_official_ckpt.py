@@ -91,20 +91,25 @@ def _build_sudoku(repo: Path, out: Path) -> None:
     csvs.mkdir(parents=True, exist_ok=True)
     _sudoku_csv(csvs / "train.csv", 8, 0)
     _sudoku_csv(csvs / "test.csv", 6, 1)
+    np.random.seed(0)
+    _run_csv_builder(repo, csvs, "build_sudoku_dataset", output_dir=str(out / "data"), num_aug=1)
+
+
+def _run_csv_builder(repo: Path, csvs: Path, module: str, **config) -> None:
+    """Run the official `dataset/<module>.py` on the CSVs in `csvs` (its Hugging Face download
+    replaced by those local files), both splits, with `DataProcessConfig(**config)`."""
+    import importlib
+
     hub = types.ModuleType("huggingface_hub")
     hub.hf_hub_download = lambda repo_id, filename, repo_type=None: str(csvs / filename)  # local CSVs, no download
     sys.modules["huggingface_hub"] = hub
     sys.path.insert(0, str(repo / "dataset"))  # the builder imports `common` as a top-level module
     try:
         use_repo(repo)
-        sys.modules.pop("build_sudoku_dataset", None)
-        import importlib
-
-        builder = importlib.import_module("dataset.build_sudoku_dataset")
-        np.random.seed(0)
-        config = builder.DataProcessConfig(output_dir=str(out / "data"), num_aug=1)
+        sys.modules.pop(module, None)
+        builder = importlib.import_module(f"dataset.{module}")
         for split in ("train", "test"):
-            builder.convert_subset(split, config)
+            builder.convert_subset(split, builder.DataProcessConfig(**config))
     finally:
         sys.path.remove(str(repo / "dataset"))
 
@@ -128,21 +133,7 @@ def _build_maze(repo: Path, out: Path) -> None:
             w.writerow(["source", "question", "answer", "rating"])
             for i, (q, a, n) in enumerate(zip(bank["question"], bank["label"], bank["length"])):
                 w.writerow([f"fixture{i}", "".join(CHARSET[t - 1] for t in q), "".join(CHARSET[t - 1] for t in a), int(n)])
-    hub = types.ModuleType("huggingface_hub")
-    hub.hf_hub_download = lambda repo_id, filename, repo_type=None: str(csvs / filename)  # local CSVs, no download
-    sys.modules["huggingface_hub"] = hub
-    sys.path.insert(0, str(repo / "dataset"))  # the builder imports `common` as a top-level module
-    try:
-        use_repo(repo)
-        sys.modules.pop("build_maze_dataset", None)
-        import importlib
-
-        builder = importlib.import_module("dataset.build_maze_dataset")
-        config = builder.DataProcessConfig(output_dir=str(out / "data"))  # aug off: the README's command
-        for split in ("train", "test"):
-            builder.convert_subset(split, config)
-    finally:
-        sys.path.remove(str(repo / "dataset"))
+    _run_csv_builder(repo, csvs, "build_maze_dataset", output_dir=str(out / "data"))  # aug off: the README's command
 
 
 def _build_arc(repo: Path, out: Path) -> None:

@@ -141,16 +141,41 @@ def test_two_ranks_without_a_launcher_name_the_one_that_failed(tmp_path, fault):
         assert "rank 1 ended without reporting an error" in err0
 
 
+def _native_threads() -> dict[int, str]:
+    """This process's threads that Python's `threading` does not know (gloo's, the TCP store's:
+    C++ threads), by thread id, with their names; /proc/self/task (Linux) lists every thread."""
+    import threading
+
+    python = {t.native_id for t in threading.enumerate()}
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:  # ended meanwhile
+            continue
+        if int(tid) not in python:
+            out[int(tid)] = name
+    return out
+
+
 def test_a_command_ends_its_process_group_before_the_interpreter_does(tmp_path):
     # A group left to the interpreter's exit can abort it (SIGABRT after the results were written):
-    # the CLI destroys it itself, and the launcher variables a lone process set for itself go too,
-    # so that a second command in the same process starts a fresh group. (gloo's threads of the
-    # group DeepSpeed's engine clones can outlive the destroy in-process; not asserted here.)
+    # the CLI destroys it itself, and the group's threads (gloo's run loops and transport loop, the
+    # TCP store's server on rank 0) end with it: none is left, not even after a training run, whose
+    # step imports torch._dynamo and with it torch.distributed.nn.functional (that module's default
+    # arguments would keep a group that exists when it is imported). The launcher variables a lone
+    # process set for itself go too, so that a second command in the same process starts a fresh group.
     import torch.distributed as dist
 
+    before = _native_threads()
     out = tmp_path / "run"
     assert main(["run", str(tiny_recipe(tmp_path, steps=2)), "--out", str(out), "--data-dir", str(tmp_path / "data")]) == 0
+    assert "torch._dynamo" in sys.modules  # what imports torch.distributed.nn.functional late
     assert not dist.is_initialized()
     assert "MASTER_PORT" not in os.environ
+    left = {tid: name for tid, name in _native_threads().items() if tid not in before}
+    assert left == {}, f"threads outlived the run's process group: {left}"
     assert main(["eval", str(out), "--out", str(tmp_path / "ev"), "--data-dir", str(tmp_path / "data")]) == 0  # a new group
     assert not dist.is_initialized() and "MASTER_PORT" not in os.environ
+    left = {tid: name for tid, name in _native_threads().items() if tid not in before}
+    assert left == {}, f"threads outlived the evaluation's process group: {left}"

@@ -54,6 +54,12 @@ def init_distributed(device: torch.device) -> None:
         _SELF_SET = True
     if device.type == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Imported before the group exists, never after: its functions take `group=group.WORLD` as a
+    # default argument, evaluated at import. Imported later (torch._dynamo imports it, through
+    # torch.distributed.fsdp, on the first compiled or dynamo-disabled call of a training step),
+    # they would hold the default group, and its gloo and store threads, for the life of the
+    # process: past `end_processes`, into the interpreter's exit (see there).
+    import torch.distributed.nn.functional as _before_the_group  # noqa: F401
     deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
     if not _AT_EXIT:  # a script using dis_core.load under a launcher ends its group too (the CLI ends it itself)
         atexit.register(end_processes)
@@ -70,7 +76,13 @@ def end_processes() -> None:
     active exception", SIGABRT, in about half of the two-process `dis eval` launches. Destroying the
     group joins those threads first. No barrier: a rank that failed ends here too, and must not
     wait for the others. The launcher variables a lone process set itself are removed, so that
-    a later command in the same process starts a fresh group (on a fresh port)."""
+    a later command in the same process starts a fresh group (on a fresh port).
+
+    The threads end only when the last reference to the group goes: `destroy_process_group`
+    shuts gloo's backend down and empties torch's and DeepSpeed's tables, but gloo's run-loop,
+    transport and (rank 0) TCP store threads live as long as the C++ object. Hence the import of
+    `torch.distributed.nn.functional` in `init_distributed`, whose default arguments would
+    otherwise keep it (tests/test_faults.py counts the threads left after a command)."""
     global _SELF_SET
     if dist.is_available() and dist.is_initialized():
         ds_comm = sys.modules.get("deepspeed.comm.comm")

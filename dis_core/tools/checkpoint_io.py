@@ -236,8 +236,6 @@ def _task_from_data(cfg: dict, data: Path | None, run_dir: Path, m_unmapped: dic
     identifiers are the official ones row for row; Sudoku's test (and train) arrays are written
     as dis's Sudoku CSV layout (tokens are digit + 1 on both sides, 1 = blank), Maze's as the
     Maze-Hard CSV layout (the same tokens "# SGo" = 1..5 on both sides)."""
-    import numpy as np
-
     if data is None:
         paths = cfg.get("data_paths_test") or cfg.get("data_paths") or []
         data = Path(paths[0]) if paths else None
@@ -259,24 +257,10 @@ def _task_from_data(cfg: dict, data: Path | None, run_dir: Path, m_unmapped: dic
             arc["config"] = {"pass_ks": [int(k) for k in ks[0]]}
         return {"name": "arc", "config": config}, [arc, {"name": "exact"}], facts
     if meta["seq_len"] == 81 and meta["vocab_size"] == 11:
-        out = run_dir / "data"
-        out.mkdir(parents=True, exist_ok=True)
-        config: dict = {"size": 9, "num_augmentations": 0}
-        for split in ("test", "train"):
-            if not (data / split / "all__inputs.npy").is_file():
-                continue
-            q, a = (np.load(data / split / f"all__{k}.npy") for k in ("inputs", "labels"))
-            with (out / f"{split}.csv").open("w") as f:
-                f.write("source,question,answer,rating\n")
-                for i, (qi, ai) in enumerate(zip(q, a)):
-                    qs = "".join("." if t <= 1 else str(int(t) - 1) for t in qi)
-                    f.write(f"{split}{i},{qs},{''.join(str(int(t) - 1) for t in ai)},0\n")
-            config[f"csv_{split}"] = f"data/{split}.csv"
-        if "csv_test" not in config:
-            raise DataError(f"{data / 'test'}: no all__inputs.npy")
-        if "csv_train" not in config:
-            config["csv_train"] = config["csv_test"]
-            m_unmapped["data.train"] = f"{data / 'train'} holds no arrays: the train split is the test CSV (fine-tune with --set task.config.csv_train=...)"
+        def sudoku_row(q, a) -> tuple[str, str]:
+            return "".join("." if t <= 1 else str(int(t) - 1) for t in q), "".join(str(int(t) - 1) for t in a)
+
+        config = _csv_splits(data, run_dir, {"size": 9, "num_augmentations": 0}, m_unmapped, sudoku_row)
         return {"name": "sudoku", "config": config}, [{"name": "sudoku"}, {"name": "exact"}], facts
     side = int(round(meta["seq_len"] ** 0.5))
     if meta["vocab_size"] == 6 and side * side == meta["seq_len"] and side >= 3:
@@ -286,32 +270,26 @@ def _task_from_data(cfg: dict, data: Path | None, run_dir: Path, m_unmapped: dic
                     f"[task] by hand")
 
 
-def _maze_task(data: Path, side: int, run_dir: Path, m_unmapped: dict) -> dict:
-    """The official Maze build (`build_maze_dataset.py`: tokens 1..5 = "# SGo", as dis's, square
-    grids, puzzle id 0) -> dis's Maze-Hard CSV layout under RUN_DIR/data/, read by task `maze`."""
+def _csv_splits(data: Path, run_dir: Path, config: dict, m_unmapped: dict, row, check=None) -> dict:
+    """The official build's test (and train) arrays -> dis's CSV layout (source, question, answer,
+    rating) under RUN_DIR/data/, one line per example by `row(question, answer) -> (str, str)`,
+    after `check(split_dir, questions, answers)`; `config` gains csv_test and csv_train (the test
+    CSV when the build has no train arrays, which `m_unmapped` then names)."""
     import numpy as np
 
-    charset = "# SGo"  # the official builder's CHARSET, token = index + 1; dis's maze task uses the same
     out = run_dir / "data"
     out.mkdir(parents=True, exist_ok=True)
-    config: dict = {"rows": side, "cols": side}
     for split in ("test", "train"):
         if not (data / split / "all__inputs.npy").is_file():
             continue
         q, a = (np.load(data / split / f"all__{k}.npy") for k in ("inputs", "labels"))
-        for arr, file, top, chars in ((q, "inputs", 4, "# SG"), (a, "labels", 5, "# SGo")):
-            if arr.min() < 1 or arr.max() > top:
-                raise DataError(f"{data / split / f'all__{file}.npy'}: tokens outside 1..{top} ({chars!r}); not a "
-                                f"maze built by the official Maze builder")
-        ends = (q == 3) | (q == 4)
-        if (ends & (a != q)).any():
-            # dis's maze task keeps S and G in its labels; the official labels are the CSV's as given.
-            m_unmapped["data.labels"] = (f"{data / split}: labels mark S or G as 'o'; dis keeps S and G, so exact "
-                                         f"accuracy counts those cells otherwise than the official loss head")
+        if check is not None:
+            check(data / split, q, a)
         with (out / f"{split}.csv").open("w") as f:
             f.write("source,question,answer,rating\n")
             for i, (qi, ai) in enumerate(zip(q, a)):
-                f.write(f"{split}{i},{''.join(charset[t - 1] for t in qi)},{''.join(charset[t - 1] for t in ai)},0\n")
+                question, answer = row(qi, ai)
+                f.write(f"{split}{i},{question},{answer},0\n")
         config[f"csv_{split}"] = f"data/{split}.csv"
     if "csv_test" not in config:
         raise DataError(f"{data / 'test'}: no all__inputs.npy")
@@ -319,7 +297,29 @@ def _maze_task(data: Path, side: int, run_dir: Path, m_unmapped: dict) -> dict:
         config["csv_train"] = config["csv_test"]
         m_unmapped["data.train"] = (f"{data / 'train'} holds no arrays: the train split is the test CSV "
                                     f"(fine-tune with --set task.config.csv_train=...)")
-    return {"name": "maze", "config": config}
+    return config
+
+
+def _maze_task(data: Path, side: int, run_dir: Path, m_unmapped: dict) -> dict:
+    """The official Maze build (`build_maze_dataset.py`: tokens 1..5 = "# SGo", as dis's, square
+    grids, puzzle id 0) -> dis's Maze-Hard CSV layout under RUN_DIR/data/, read by task `maze`."""
+    charset = "# SGo"  # the official builder's CHARSET, token = index + 1; dis's maze task uses the same
+
+    def check(split_dir: Path, q, a) -> None:
+        for arr, file, top, chars in ((q, "inputs", 4, "# SG"), (a, "labels", 5, "# SGo")):
+            if arr.min() < 1 or arr.max() > top:
+                raise DataError(f"{split_dir / f'all__{file}.npy'}: tokens outside 1..{top} ({chars!r}); not a "
+                                f"maze built by the official Maze builder")
+        ends = (q == 3) | (q == 4)
+        if (ends & (a != q)).any():
+            # dis's maze task keeps S and G in its labels; the official labels are the CSV's as given.
+            m_unmapped["data.labels"] = (f"{split_dir}: labels mark S or G as 'o'; dis keeps S and G, so exact "
+                                         f"accuracy counts those cells otherwise than the official loss head")
+
+    def row(q, a) -> tuple[str, str]:
+        return "".join(charset[t - 1] for t in q), "".join(charset[t - 1] for t in a)
+
+    return {"name": "maze", "config": _csv_splits(data, run_dir, {"rows": side, "cols": side}, m_unmapped, row, check)}
 
 
 def sha256(path: Path) -> str:
